@@ -1,0 +1,125 @@
+"""Configuration: dataclasses that map 1:1 to YAML recipe keys and CLI flags.
+
+``grpo-math train`` parses three dataclasses with TRL's ``TrlParser`` (as open-r1 does): ``ScriptConfig``
+(data, prompts and rewards; extends TRL's ``ScriptArguments``), ``GRPOMathConfig`` (extends TRL's ``GRPOConfig``:
+every GRPO/Trainer field is a flag) and TRL's ``ModelConfig`` (model and LoRA). A recipe key, a flag and a
+field share one name; the recipe sets defaults and flags override them.
+
+>>> script, grpo, model = parse_train_args(["--model_name_or_path", "embedded", "--max_steps", "2"])
+>>> (model.model_name_or_path, grpo.max_steps, grpo.beta, script.reward_funcs[0])
+('embedded', 2, 0.02, 'correct')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import yaml
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
+
+from . import UserError
+from .answers import ANSWER_FORMATS
+from .data import SYSTEM_PROMPT
+from .rewards import PRESETS, REWARDS
+
+
+@dataclass
+class ScriptConfig(ScriptArguments):
+    """Data, prompt and reward settings (TRL's ``dataset_name`` / ``dataset_*_split`` are inherited)."""
+
+    dataset_name: str = field(default="builtin", metadata={"help": "'builtin', a hub id (openai/gsm8k) or a folder with train.jsonl/test.jsonl."})
+    dataset_limit: int | None = field(default=None, metadata={"help": "Use only the first N training problems."})
+    dataset_shuffle_seed: int | None = field(default=None, metadata={"help": "Shuffle problems with this seed before --dataset_limit."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip (and count) rows without a parseable gold answer instead of failing."})
+    answer_format: str = field(default="tags", metadata={"help": f"How the final answer is asked for: {', '.join(ANSWER_FORMATS)}."})
+    system_prompt: str | None = field(default=SYSTEM_PROMPT, metadata={"help": "System message ('' for none)."})
+    num_few_shot: int = field(default=0, metadata={"help": "Worked examples (from the builtin set) put before each question."})
+    reward_funcs: list[str] = field(default_factory=lambda: list(PRESETS["default"]), metadata={"help": f"Reward names: {', '.join(REWARDS)}."})
+    reward_preset: str | None = field(default=None, metadata={"help": f"Named reward set with weights: {', '.join(PRESETS)}; sets reward_funcs and reward_weights."})
+
+    def __post_init__(self):
+        if self.answer_format not in ANSWER_FORMATS:
+            raise UserError(f"answer_format '{self.answer_format}' is unknown; valid: {', '.join(ANSWER_FORMATS)}")
+        if self.num_few_shot < 0 or (self.dataset_limit is not None and self.dataset_limit <= 0):
+            raise UserError("num_few_shot must be >= 0 and dataset_limit > 0")
+        unknown = [name for name in self.reward_funcs if name not in REWARDS]
+        if unknown:
+            raise UserError(f"unknown reward '{unknown[0]}'; valid: {', '.join(REWARDS)}")
+        if self.reward_preset is not None and self.reward_preset not in PRESETS:
+            raise UserError(f"unknown reward_preset '{self.reward_preset}'; valid: {', '.join(PRESETS)}")
+        self.system_prompt = self.system_prompt or None
+
+
+@dataclass
+class GRPOMathConfig(GRPOConfig):
+    """TRL's ``GRPOConfig`` with this project's defaults and the few fields TRL lacks."""
+
+    output_dir: str | None = field(default="runs/grpo", metadata={"help": "Run folder: checkpoints, metrics.jsonl, final model."})
+    learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate (the notebook's 5e-6)."})
+    beta: float = field(default=0.02, metadata={"help": "KL coefficient (the notebook's 0.02; 0 skips the reference model)."})
+    num_generations: int | None = field(default=4, metadata={"help": "Completions per prompt (group size)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per device per step; a multiple of num_generations."})
+    max_completion_length: int | None = field(default=256, metadata={"help": "Maximum generated tokens per completion."})
+    max_prompt_length: int = field(default=512, metadata={"help": "Longest prompt allowed, in tokens; longer prompts are an error, never silently truncated. GSM8K test needs 271 with the default prompt and SmolLM2's tokenizer."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every N steps."})
+    activation_checkpointing: bool | None = field(default=False, metadata={"help": "Recompute activations in backward: less memory, more compute (recommended for >1B models on GPU)."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU or CPU runs bf16 natively."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            from .models import torch_dtype
+            import torch
+
+            self.bf16 = torch_dtype("auto") == torch.bfloat16
+        if self.per_device_train_batch_size <= 0 or (self.num_generations or 0) < 2:
+            raise UserError("per_device_train_batch_size must be > 0 and num_generations >= 2 (GRPO compares completions within a group)")
+        if self.max_prompt_length <= 0 or (self.max_completion_length or 1) <= 0:
+            raise UserError("max_prompt_length and max_completion_length must be > 0")
+        super().__post_init__()
+
+
+class Parser(TrlParser):
+    """TrlParser whose errors are one line and exit code 2 (argparse prints usage and a second line)."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def parse_train_args(argv: list[str] | None = None) -> tuple[ScriptConfig, GRPOMathConfig, ModelConfig]:
+    """Parse ``--config recipe.yaml`` plus flags into the three config dataclasses."""
+    parser = Parser((ScriptConfig, GRPOMathConfig, ModelConfig), prog="grpo-math train")
+    try:
+        script, grpo, model = parser.parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
+    except FileNotFoundError as err:
+        raise UserError(f"recipe not found: {err.filename}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.name}:{mark.line + 1}" if mark else "recipe"
+        raise UserError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    except ValueError as err:  # unknown keys in a recipe or flags, wrong types
+        raise UserError(str(err).splitlines()[0]) from None
+    if script.reward_preset:
+        script.reward_funcs = list(PRESETS[script.reward_preset])
+        grpo.reward_weights = list(PRESETS[script.reward_preset].values())
+    elif grpo.reward_weights is None and set(script.reward_funcs) <= set(PRESETS["default"]):
+        grpo.reward_weights = [PRESETS["default"][name] for name in script.reward_funcs]
+    if grpo.reward_weights is not None and len(grpo.reward_weights) != len(script.reward_funcs):
+        raise UserError(f"reward_weights has {len(grpo.reward_weights)} values but reward_funcs has {len(script.reward_funcs)}")
+    return script, grpo, model
+
+
+def to_dict(*configs) -> dict:
+    """The resolved settings of several dataclasses as one flat dict (what a recipe would hold)."""
+    out = {}
+    for config in configs:
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            value = getattr(value, "value", value)  # enums (str subclasses yaml cannot write)
+            out[f.name] = value if type(value) in (str, int, float, bool, list, dict, type(None)) else str(value)
+    return out

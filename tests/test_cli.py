@@ -1,0 +1,88 @@
+"""Every recipe loads; bad input gives a one-line error, exit code 2, no traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpo_math.cli import main
+from grpo_math.config import parse_train_args
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(recipe):
+    script, grpo, model = parse_train_args(["--config", str(recipe)])
+    assert model.model_name_or_path and grpo.output_dir
+    assert len(grpo.reward_weights) == len(script.reward_funcs)
+    assert (grpo.per_device_train_batch_size * grpo.gradient_accumulation_steps) % grpo.num_generations == 0
+
+
+def test_flags_override_recipe():
+    script, grpo, _ = parse_train_args(["--config", "recipes/smoke.yaml", "--max_steps", "7", "--reward_funcs", "correct", "format"])
+    assert grpo.max_steps == 7 and script.reward_funcs == ["correct", "format"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train", "--model_name_or_path", "./no/such/model"], "model path not found: ./no/such/model"),
+    (["train", "--dataset_name", "./missing/data.jsonl", "--model_name_or_path", "./missing"], "not found"),
+    (["train", "--reward_funcs", "correct", "bogus"], "unknown reward 'bogus'; valid: correct"),
+    (["train", "--no_such_flag", "1"], "no_such_flag"),
+    (["train", "--config", "no/such/recipe.yaml"], "recipe not found"),
+    (["train", "--per_device_train_batch_size", "0"], "per_device_train_batch_size must be > 0"),
+    (["train", "--answer_format", "xml"], "answer_format 'xml' is unknown"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["prepare-model", "--model", "./nope.gguf"], "model path not found"),
+    (["score"], "--input"),
+])
+def test_bad_input_one_line_error(args, expected, capsys):
+    code, err = run_cli(args, capsys)
+    assert code == 2
+    assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_malformed_and_mistyped_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: [1, 2\n")
+    code, err = run_cli(["train", "--config", str(bad)], capsys)
+    assert code == 2 and "bad.yaml" in err and len(err.splitlines()) == 1
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("max_steps: many\n")
+    code, err = run_cli(["train", "--config", str(typed)], capsys)
+    assert code == 2 and "max_steps" in err and len(err.splitlines()) == 1
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("max_stepz: 3\n")
+    code, err = run_cli(["train", "--config", str(unknown)], capsys)
+    assert code == 2 and "max_stepz" in err
+
+
+def test_score_command_uses_recipe_rewards(tmp_path, capsys):
+    lines = [
+        {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "7",
+         "completion": "<think>\n3 + 4 = 7\n</think>\n<answer>7</answer>"},
+        {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7",
+         "completion": "<answer>8</answer>"},
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    assert main(["score", "--input", str(path), "--config", "recipes/smoke.yaml"]) == 0
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert out[0]["parts"]["correct"] == 1.0 and out[1]["parts"]["correct"] == 0.0
+    assert out[0]["total"] > out[1]["total"]
+    path.write_text('{"question": "q", "answer": "1"}\n')
+    code, err = run_cli(["score", "--input", str(path)], capsys)
+    assert code == 2 and "in.jsonl:1: field 'completion'" in err
+
+
+def test_python_dash_m_is_the_cli():
+    out = subprocess.run([sys.executable, "-m", "grpo_math", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "prepare-model" in out.stdout
