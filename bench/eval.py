@@ -32,7 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "gsm8k_grpo_math_local"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# Environment of both tools' processes: offline, plus the thread count of --threads.
+CHILD_ENV = {"HF_HUB_CHILD_ENV": "1", "HF_DATASETS_CHILD_ENV": "1", "HF_EVALUATE_CHILD_ENV": "1", "TRANSFORMERS_CHILD_ENV": "1"}
 
 
 def main() -> int:
@@ -45,7 +46,11 @@ def main() -> int:
     parser.add_argument("--data_dir", help="folder with GSM8K's test.jsonl and train.jsonl",
                         default=os.environ.get("GRPO_MATH_GSM8K_DIR") or ROOT.parent / "shared/data/gsm8k")
     parser.add_argument("--output", help="keep both tools' outputs here (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, help="OMP/MKL threads for both tools (default: torch's choice); on a "
+                        "busy machine 1 can be many times faster than oversubscribed cores")
     args = parser.parse_args()
+    if args.threads:
+        CHILD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     data = Path(args.data_dir).resolve()
     if not (data / "test.jsonl").is_file() or not (data / "train.jsonl").is_file():
         parser.error(f"{data} needs test.jsonl and train.jsonl (official GSM8K files); set --data_dir")
@@ -68,7 +73,7 @@ def main() -> int:
 def prepare_model(name: str) -> str:
     """Resolve (and convert once) the model outside the timed runs; both tools get the same local folder."""
     done = subprocess.run([sys.executable, "-m", "grpo_math", "prepare-model", "--model", name],
-                          capture_output=True, text=True, env={**os.environ, **OFFLINE})
+                          capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
     if done.returncode:
         sys.exit(f"prepare-model failed: {done.stderr.strip()}")
     return done.stdout.strip().splitlines()[-1]
@@ -84,7 +89,7 @@ def model_dtype() -> str:
 def timed(cmd: list[str], log: Path) -> float:
     start = time.perf_counter()
     with open(log, "w") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE}, cwd=ROOT)
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV}, cwd=ROOT)
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"{' '.join(cmd[:4])} ... failed (exit {done.returncode}); last lines of {log}:\n"
@@ -197,7 +202,7 @@ def report(ours: dict, theirs: dict, model: str, data: Path, args) -> None:
 
     print(f"\nmodel {model}, {args.limit} GSM8K test problems from {data}, max_new_tokens {args.max_new_tokens}, "
           f"batch {args.batch_size}, lm_eval {getattr(lm_eval, '__version__', '?')}, torch {torch.__version__}, "
-          f"{'cuda' if torch.cuda.is_available() else f'cpu x{torch.get_num_threads()} threads'}")
+          f"{'cuda' if torch.cuda.is_available() else f'cpu, threads {args.threads or torch.get_num_threads()}'}")
     print(f"{'':40}{'grpo-math eval':>16}{'lm-eval hf':>14}")
     for name, a, b in rows:
         print(f"{name:40}{a:>16}{b:>14}")

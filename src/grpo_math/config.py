@@ -64,11 +64,13 @@ class GRPOMathConfig(GRPOConfig):
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per device per step; a multiple of num_generations."})
     max_completion_length: int | None = field(default=256, metadata={"help": "Maximum generated tokens per completion."})
     max_prompt_length: int = field(default=512, metadata={"help": "Longest prompt allowed, in tokens; longer prompts are an error, never silently truncated. GSM8K test needs 271 with the default prompt and SmolLM2's tokenizer."})
+    log_completions: bool = field(default=True, metadata={"help": "Write sampled completions with their reward parts to output_dir/completions/*.parquet (TRL)."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every N steps."})
     activation_checkpointing: bool | None = field(default=False, metadata={"help": "Recompute activations in backward: less memory, more compute (recommended for >1B models on GPU)."})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU or CPU runs bf16 natively."})
+    eval_limit: int = field(default=0, metadata={"help": "Held-out problems (dataset_test_split, fixed order) scored every eval_steps as eval/strict_accuracy etc.; 0 = off."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
 
     def __post_init__(self):
@@ -79,6 +81,10 @@ class GRPOMathConfig(GRPOConfig):
             self.bf16 = torch_dtype("auto") == torch.bfloat16
         if self.per_device_train_batch_size <= 0 or (self.num_generations or 0) < 2:
             raise UserError("per_device_train_batch_size must be > 0 and num_generations >= 2 (GRPO compares completions within a group)")
+        if self.eval_limit < 0:
+            raise UserError("eval_limit must be >= 0")
+        if self.eval_limit and not self.eval_steps:
+            self.eval_steps = self.save_steps
         if self.max_prompt_length <= 0 or (self.max_completion_length or 1) <= 0:
             raise UserError("max_prompt_length and max_completion_length must be > 0")
         super().__post_init__()

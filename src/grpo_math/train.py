@@ -120,16 +120,32 @@ def build_trainer(script: ScriptConfig, args: GRPOMathConfig, model_args, model,
     """TRL's GRPOTrainer with our reward functions (each logged as ``rewards/<name>/mean``)."""
     from trl import GRPOTrainer, get_peft_config
 
-    config = to_dict(script, model_args, args)
-    return GRPOTrainer(
+    callbacks = [RunFiles(to_dict(script, model_args, args))]
+    if args.eval_limit:
+        callbacks.insert(0, accuracy_callback(script, args))
+    trainer = GRPOTrainer(
         model=model,
         reward_funcs=get_reward_funcs(script.reward_funcs, script.answer_format),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[RunFiles(config)],
+        callbacks=callbacks,
     )
+    if args.eval_limit:
+        callbacks[0].trainer = trainer  # so eval/* metrics land in the step's own log line
+    return trainer
+
+
+def accuracy_callback(script: ScriptConfig, args: GRPOMathConfig):
+    """Greedy accuracy on the first ``eval_limit`` held-out problems every ``eval_steps`` steps."""
+    from .data import load_problems
+    from .evaluate import AccuracyCallback
+
+    problems = load_problems(script.dataset_name, script.dataset_test_split, args.eval_limit)
+    return AccuracyCallback(problems, int(args.eval_steps), answer_format=script.answer_format,
+                            system_prompt=script.system_prompt, num_few_shot=script.num_few_shot,
+                            max_new_tokens=args.max_completion_length, batch_size=16)
 
 
 def save_final(trainer, script, args, model_args) -> None:
