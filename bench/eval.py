@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "gsm8k_grpo_math_local"
 # Environment of both tools' processes: offline, plus the thread count of --threads.
-CHILD_ENV = {"HF_HUB_CHILD_ENV": "1", "HF_DATASETS_CHILD_ENV": "1", "HF_EVALUATE_CHILD_ENV": "1", "TRANSFORMERS_CHILD_ENV": "1"}
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def main() -> int:

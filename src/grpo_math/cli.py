@@ -75,15 +75,16 @@ def ask(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .answers import extract_flexible, extract_strict
     from .data import build_prompt, load_problems
+    from .evaluate import prompt_settings
     from .models import generate, load_model
 
-    prompt = recipe_prompt_settings(args.config)
-    shots = load_problems("builtin")[: prompt.num_few_shot] if prompt.num_few_shot else []
+    prompt = prompt_settings(args.config, args.model)  # the recipe's, else those saved with a trained model
+    shots = load_problems("builtin")[: prompt["num_few_shot"]] if prompt["num_few_shot"] else []
     model, tokenizer, _ = load_model(args.model)
-    messages = build_prompt(args.question, prompt.answer_format, prompt.system_prompt, shots)
+    messages = build_prompt(args.question, prompt["answer_format"], prompt["system_prompt"], shots)
     [[out]] = generate(model, tokenizer, [messages], args.max_new_tokens, args.temperature)
     print(out["text"])
-    print(f"\nanswer (strict, {prompt.answer_format}): {extract_strict(out['text'], prompt.answer_format)}")
+    print(f"\nanswer (strict, {prompt['answer_format']}): {extract_strict(out['text'], prompt['answer_format'])}")
     print(f"answer (flexible): {extract_flexible(out['text'])}")
     return 0
 
@@ -114,13 +115,6 @@ def score(argv: list[str]) -> int:
     for result in score_rows(rows, script.reward_funcs, grpo.reward_weights, script.answer_format):
         print(json.dumps(result))
     return 0
-
-
-def recipe_prompt_settings(config: str | None):
-    """The prompt settings (``ScriptConfig``) of a recipe, or the defaults: eval and ask prompt as training did."""
-    from .config import parse_train_args
-
-    return parse_train_args(["--config", config] if config else [])[0]
 
 
 def _open(path: str):
