@@ -58,3 +58,12 @@ def test_resume_continues_from_last_checkpoint_without_gaps(run):
     assert steps(run) == [1, 2, 3]
     state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_lora_run_saves_a_merged_model(tmp_path, embedded_model):
+    out = tmp_path / "lora"
+    assert main(["train", *TINY, "--max_steps", "1", "--use_peft", "--lora_r", "4", "--output_dir", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    model, _, _ = load_model(str(out), dtype="float32")
+    assert not any("lora" in name for name, _ in model.named_parameters())

@@ -60,7 +60,15 @@ def prepare_model(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .models import resolve_model
 
-    print(resolve_model(args.model))
+    path = resolve_model(args.model)
+    if path == args.model:  # a hub id: fetch it into the HF cache
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(args.model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot fetch {args.model} from the hub: {str(err).splitlines()[0]}") from None
+    print(path)
     return 0
 
 
@@ -96,32 +104,19 @@ def score(argv: list[str]) -> int:
     parser.add_argument("--config", help="recipe whose reward_funcs/reward_weights/answer_format to use")
     args = parser.parse_args(argv)
     from .config import parse_train_args
+    from .data import read_jsonl
     from .rewards import score_rows
 
     script, grpo, _ = parse_train_args(["--config", args.config] if args.config else [])
-    stream = sys.stdin if args.input == "-" else _open(args.input)
     rows = []
-    for number, line in enumerate(stream, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{args.input}:{number}: not valid JSON ({err.msg})") from None
+    for row, where in read_jsonl("/dev/stdin" if args.input == "-" else args.input):
         missing = [k for k in ("question", "answer", "completion") if not isinstance(row.get(k), str)]
         if missing:
-            raise UserError(f"{args.input}:{number}: field '{missing[0]}' is missing or not a string")
+            raise UserError(f"{where}: field '{missing[0]}' is missing or not a string")
         rows.append(row)
     for result in score_rows(rows, script.reward_funcs, grpo.reward_weights, script.answer_format):
         print(json.dumps(result))
     return 0
-
-
-def _open(path: str):
-    try:
-        return open(path, encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
 
 
 if __name__ == "__main__":

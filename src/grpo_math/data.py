@@ -53,7 +53,7 @@ class Problem:
 def read_rows(dataset_name: str, split: str = "train") -> list[tuple[dict, str]]:
     """Raw ``(row, where)`` pairs from the builtin set, a local folder/file, or the hub."""
     if dataset_name == BUILTIN:
-        return _read_jsonl(BUILTIN_FILE)
+        return read_jsonl(BUILTIN_FILE)
     path = Path(dataset_name).expanduser()
     if path.is_dir():
         for suffix in (".jsonl", ".parquet"):
@@ -63,22 +63,30 @@ def read_rows(dataset_name: str, split: str = "train") -> list[tuple[dict, str]]
         else:
             raise UserError(f"dataset folder {path} has no {split}.jsonl or {split}.parquet")
     if path.is_file():
-        return _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
+        return _read_parquet(path) if path.suffix == ".parquet" else read_jsonl(path)
     if dataset_name.startswith((".", "/", "~")) or dataset_name.endswith((".jsonl", ".parquet")):
         raise UserError(f"dataset not found: {dataset_name}")
     return _read_hub(dataset_name, split)
 
 
-def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
+def read_jsonl(path: Path | str) -> list[tuple[dict, str]]:
+    """``(object, "file:line")`` per non-empty line; a line that is not a JSON object is a ``UserError``."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    with f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append((json.loads(line), f"{path}:{number}"))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object")
+            rows.append((row, f"{path}:{number}"))
     return rows
 
 

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import UserError
+from . import UserError, data
 from .evaluate import compare_results, is_rate
 from .rewards import MAX_STEP_CHARS, completion_text, find_steps
 
@@ -107,19 +107,7 @@ def load_run(run_dir: str | Path, before: str | None = None, after: str | None =
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object")
-            rows.append(row)
-    return rows
+    return [row for row, _ in data.read_jsonl(path)]
 
 
 def load_eval(folder: Path) -> Eval:
