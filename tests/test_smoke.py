@@ -1,9 +1,14 @@
-"""Tiny-model tier: GRPO-train the embedded SmolLM2-135M for 2 steps, resume for a 3rd, reload and generate.
+"""Tiny-model tier: GRPO-train the embedded SmolLM2-135M for 2 steps, killed with SIGKILL after the first
+checkpoint and resumed; then check the weights changed, reload and generate.
 
 About 5 minutes on 2 CPU cores (the first run also converts the GGUF once, ~35 s).
 """
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -17,8 +22,20 @@ TINY = ["--config", "recipes/smoke.yaml", "--max_completion_length", "32", "--sa
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, embedded_model):
+    """2 steps with a checkpoint per step: `kill -9` once checkpoint-1 is in place, then `--resume`."""
     out = tmp_path_factory.mktemp("smoke") / "run"
-    assert main(["train", *TINY, "--max_steps", "2", "--output_dir", str(out)]) == 0
+    args = [*TINY, "--max_steps", "2", "--output_dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "grpo_math", "train", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900
+    while not (out / "checkpoint-1" / "grpo_math_config.yaml").is_file():
+        assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "no checkpoint-1 after 15 minutes"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists() and steps(out) == [1]
+    assert main(["train", *args, "--resume"]) == 0
     return out
 
 
@@ -53,11 +70,10 @@ def test_checkpoint_reloads_and_generates(run, capsys):
     assert "answer (flexible):" in capsys.readouterr().out
 
 
-def test_resume_continues_from_last_checkpoint_without_gaps(run):
-    assert main(["train", *TINY, "--max_steps", "3", "--output_dir", str(run), "--resume"]) == 0
-    assert steps(run) == [1, 2, 3]
-    state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["global_step"] == 3
+def test_resume_after_kill_continues_without_gap_or_duplicate(run):
+    assert steps(run) == [1, 2]
+    state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and [log["step"] for log in state["log_history"] if "loss" in log] == [1, 2]
 
 
 @pytest.mark.slow

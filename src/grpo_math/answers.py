@@ -32,6 +32,7 @@ ANSWER_FORMATS = ("tags", "hash", "boxed")
 MAX_ANSWER_CHARS = 100
 VERIFY_TIMEOUT_S = 2.0
 VERIFY_START_TIMEOUT_S = 120.0
+REL_TOL = 1e-15  # float rounding of a fraction (3/4 vs 0.75) only: distinct integers below 10^15 never match
 
 stats: Counter[str] = Counter()  # math_verify fallback: "verify_calls", "verify_timeouts", "verify_crashes"
 
@@ -120,7 +121,7 @@ def find_answers(text: str, answer_format: str = "tags") -> list[tuple[int, int,
 
 def _same(a: str, b: str) -> bool:
     x, y = parse_number(a), parse_number(b)
-    return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9) if x is not None and y is not None else a == b
+    return math.isclose(x, y, rel_tol=REL_TOL, abs_tol=1e-9) if x is not None and y is not None else a == b
 
 
 def extract_strict(text: str, answer_format: str = "tags") -> str | None:
@@ -202,7 +203,7 @@ def answers_match(pred: str | None, gold: str | None) -> bool:
         return False
     p, g = parse_number(pred), parse_number(gold)
     if p is not None and g is not None:
-        return math.isclose(p, g, rel_tol=1e-9, abs_tol=1e-9)
+        return math.isclose(p, g, rel_tol=REL_TOL, abs_tol=1e-9)
     if not (_verifiable(pred) and _verifiable(gold)):
         return False
     return _SANDBOX.verify(pred, gold)

@@ -71,6 +71,9 @@ class GRPOMathConfig(GRPOConfig):
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU or CPU runs bf16 natively."})
     eval_limit: int = field(default=0, metadata={"help": "Held-out problems (dataset_test_split, fixed order) scored every eval_steps as eval/strict_accuracy etc.; 0 = off."})
+    on_bad_step: str = field(default="stop", metadata={"help": "A step with NaN/inf gradients or a loss/grad_norm above the limits: 'stop' (keep the last good checkpoint, exit 2) or 'skip' (drop that update and go on)."})
+    bad_loss: float = field(default=1e4, metadata={"help": "|loss| above this counts as exploding (checked at every log step)."})
+    bad_grad_norm: float = field(default=1e4, metadata={"help": "Pre-clipping grad norm above this counts as exploding (checked at every log step)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
 
     def __post_init__(self):
@@ -81,6 +84,8 @@ class GRPOMathConfig(GRPOConfig):
             self.bf16 = torch_dtype("auto") == torch.bfloat16
         if self.per_device_train_batch_size <= 0 or (self.num_generations or 0) < 2:
             raise UserError("per_device_train_batch_size must be > 0 and num_generations >= 2 (GRPO compares completions within a group)")
+        if self.on_bad_step not in ("stop", "skip"):
+            raise UserError(f"on_bad_step must be 'stop' or 'skip', not '{self.on_bad_step}'")
         if self.eval_limit < 0:
             raise UserError("eval_limit must be >= 0")
         if self.eval_limit and not self.eval_steps:

@@ -51,7 +51,7 @@ from grpo_math.answers import (
 
 RewardFunc = Callable[..., list[float]]
 
-MAX_STEP_CHARS = 20_000  # arithmetic is looked for in this many leading characters
+MAX_STEP_CHARS = 20_000  # arithmetic is looked for in the whole lines within this many leading characters
 MAX_LHS_CHARS = 120  # the longest left-hand side of an equation that is checked
 STEP_CREDIT, STEP_CAP = 0.2, 1.0  # steps_count: per distinct grounded true step, and the cap
 REPETITION_NGRAM, REPETITION_FREE = 4, 0.2  # repetition: share of repeated 4-grams tolerated for free
@@ -216,7 +216,9 @@ def find_steps(text: str) -> list[Step]:
     [((48.0, 2.0), True), ((24.0, 3.0), True), ((2.0, 24.0), False)]
     """
     steps, seen = [], set()
-    for line in text[:MAX_STEP_CHARS].splitlines():
+    if len(text) > MAX_STEP_CHARS:  # whole lines only: a cut line could verify ("10 + 5 = 150" -> "10 + 5 = 15")
+        text = text[: text.rfind("\n", 0, MAX_STEP_CHARS + 1) + 1]
+    for line in text.splitlines():
         if "=" not in line and "equal" not in line:
             continue
         for pattern, repl in _MATH_SUBS:

@@ -1,0 +1,83 @@
+"""Fault handling of the training loop, without a model: the bad-step guard and resume bookkeeping."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerControl, TrainerState
+
+from grpo_math import UserError
+from grpo_math.config import parse_train_args
+from grpo_math.train import BadStepGuard, find_resume_checkpoint
+
+
+def tiny_model_with_grads(value: float) -> torch.nn.Module:
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    model.weight.grad[0, 0] = value
+    return model
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradients_are_dropped_and_stop_the_run(bad):
+    guard, state, control = BadStepGuard("stop"), TrainerState(global_step=6), TrainerControl()
+    model = tiny_model_with_grads(bad)
+    before = model.weight.detach().clone()
+    guard.on_pre_optimizer_step(None, state, control, model=model)
+    assert all(p.grad is None for p in model.parameters())
+    torch.optim.AdamW(model.parameters(), lr=1.0).step()
+    assert torch.equal(model.weight, before)  # no update applied
+    assert control.should_training_stop and guard.stopped == 7 and "NaN/inf" in guard.reason
+    state.global_step = 7
+    control.should_save = True  # as the flow callback does at save_steps
+    guard.on_step_end(None, state, control)
+    assert not control.should_save
+
+
+def test_finite_gradients_pass_untouched():
+    guard, control = BadStepGuard("stop"), TrainerControl()
+    model = tiny_model_with_grads(0.5)
+    guard.on_pre_optimizer_step(None, TrainerState(global_step=1), control, model=model)
+    assert model.weight.grad is not None and not control.should_training_stop and not guard.stopped
+
+
+@pytest.mark.parametrize("logs,expected", [
+    ({"loss": float("nan"), "grad_norm": 1.0}, "loss is nan"),
+    ({"loss": 2e8, "grad_norm": 1.0}, "loss is 2e+08"),
+    ({"loss": 0.1, "grad_norm": 5e5}, "grad_norm is 5e+05"),
+])
+def test_exploding_logs_stop_without_saving(logs, expected):
+    guard, control = BadStepGuard("stop", bad_loss=1e4, bad_grad_norm=1e4), TrainerControl(should_save=True)
+    guard.on_log(None, TrainerState(global_step=12), control, logs=logs)
+    assert guard.stopped == 12 and expected in guard.reason
+    assert control.should_training_stop and not control.should_save
+
+
+def test_skip_mode_counts_and_goes_on():
+    guard, control = BadStepGuard("skip"), TrainerControl()
+    model = tiny_model_with_grads(float("nan"))
+    guard.on_pre_optimizer_step(None, TrainerState(global_step=2), control, model=model)
+    guard.on_log(None, TrainerState(global_step=4), control, logs={"loss": float("inf")})
+    assert guard.skipped == [3, 4] and not control.should_training_stop and not guard.stopped
+    assert model.weight.grad is None
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / ".staging" / "checkpoint-3").mkdir(parents=True)  # a save that was killed halfway
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.0}) + "\n" for s in (1, 2, 3)))
+    _, args, _ = parse_train_args(["--output_dir", str(tmp_path), "--resume"])
+    assert find_resume_checkpoint(args).endswith("checkpoint-2")
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_without_checkpoint_is_a_user_error(tmp_path):
+    _, args, _ = parse_train_args(["--output_dir", str(tmp_path), "--resume"])
+    with pytest.raises(UserError, match="no checkpoint-N folder"):
+        find_resume_checkpoint(args)
+
+
+def test_on_bad_step_is_validated():
+    with pytest.raises(UserError, match="on_bad_step must be 'stop' or 'skip'"):
+        parse_train_args(["--on_bad_step", "ignore"])
