@@ -214,14 +214,14 @@ def math_verify_worker():
 
 
 @pytest.mark.parametrize("answer_format", ANSWER_FORMATS)
-@fuzz(60)
+@fuzz(100)
 @given(completion=COMPLETIONS, gold=GOLDS, question=QUESTIONS)
 def test_every_reward_is_finite_in_range_and_fast(answer_format, completion, gold, question):
     check_rewards(completion, gold, question, answer_format)
 
 
 @pytest.mark.parametrize("family", list(HOSTILE))
-@fuzz(8)
+@fuzz(15)
 @given(data=st.data(), template=TEMPLATES, question=QUESTIONS)
 def test_every_reward_survives_hostile_text(family, data, template, question):
     completion = template.replace("{}", data.draw(HOSTILE[family], label=family))
@@ -229,13 +229,13 @@ def test_every_reward_survives_hostile_text(family, data, template, question):
         check_rewards(completion, "18", question, answer_format)
 
 
-@fuzz(150)
+@fuzz(300)
 @given(text=st.one_of(TEXT, COMPLETIONS))
 def test_extractors_never_raise_and_are_fast(text):
     check_extractors(text)
 
 
-@fuzz(25)
+@fuzz(40)
 @given(completions=st.lists(COMPLETIONS, min_size=2, max_size=2), gold=GOLDS)
 def test_rewards_and_math_verify_are_bounded_in_worker_threads(completions, gold):
     """Two threads at once (TRL may score from a worker thread): math_verify's timeout must still hold there."""
@@ -247,7 +247,7 @@ def test_rewards_and_math_verify_are_bounded_in_worker_threads(completions, gold
             job.result(timeout=120)
 
 
-@fuzz(30)
+@fuzz(50)
 @given(latex=LATEX)
 def test_latex_answers_are_guarded_or_time_limited(latex):
     """LaTeX reaches math_verify only through the input guards, and a slow one is cut at VERIFY_TIMEOUT_S."""
@@ -331,12 +331,13 @@ def derivation(draw):
 
 
 @fuzz(60)
-@given(problem=derivation(), cut=st.integers(0, 400))
-def test_the_length_cut_never_turns_a_wrong_line_into_a_true_one(problem, cut):
+@given(problem=derivation(), data=st.data())
+def test_the_length_cut_never_turns_a_wrong_line_into_a_true_one(problem, data):
     """Steps are read from the first MAX_STEP_CHARS characters; wherever that cut falls, it removes whole lines,
     so it can only lower the step count (it once cut "10 + 5 = 150" to a verified "10 + 5 = 15")."""
     question, lines = problem
-    padded = "a" * (MAX_STEP_CHARS - cut) + "\n" + lines
+    kept = data.draw(st.integers(0, len(lines)), label="characters of the lines before the cut")
+    padded = "a" * (MAX_STEP_CHARS - kept - 1) + "\n" + lines
     for f in get_reward_funcs(["steps_count", "numbers_used"]):
         assert f([padded], answer=["1"], question=[question]) <= f([lines], answer=["1"], question=[question])
 

@@ -81,3 +81,37 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path):
 def test_on_bad_step_is_validated():
     with pytest.raises(UserError, match="on_bad_step must be 'stop' or 'skip'"):
         parse_train_args(["--on_bad_step", "ignore"])
+
+
+class FakeTrainer:
+    """Just enough of a Trainer for run_training: ``train`` raises the given error."""
+
+    def __init__(self, error, output_dir):
+        from transformers import TrainerState
+
+        self.error, self.state = error, TrainerState(global_step=5)
+        self.args = type("Args", (), {"output_dir": str(output_dir)})()
+        self.callback_handler = type("Handler", (), {"callbacks": [BadStepGuard()]})()
+
+    def train(self, resume_from_checkpoint=None):
+        raise self.error
+
+
+@pytest.mark.parametrize("error,expected", [
+    (OSError(28, "No space left on device"), "out of disk space in .* at step 5: free space, or lower save_total_limit"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+     "out of memory at step 5: lower per_device_train_batch_size"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory at step 5"),
+])
+def test_disk_and_memory_exhaustion_become_user_errors(error, expected, tmp_path):
+    from grpo_math.train import run_training
+
+    with pytest.raises(UserError, match=expected):
+        run_training(FakeTrainer(error, tmp_path), None)
+
+
+def test_other_errors_are_not_disguised(tmp_path):
+    from grpo_math.train import run_training
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_training(FakeTrainer(RuntimeError("shape mismatch"), tmp_path), None)

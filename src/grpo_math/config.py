@@ -77,6 +77,13 @@ class GRPOMathConfig(GRPOConfig):
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
 
     def __post_init__(self):
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+
+            # Several processes without a GPU (torchrun on CPU): accelerate only forms a gloo group with use_cpu.
+            self.use_cpu = self.use_cpu or not torch.cuda.is_available()
         if self.bf16 is None and not self.fp16:
             from .models import torch_dtype
             import torch

@@ -264,7 +264,7 @@ def evaluate_model(model, tokenizer, problems, answer_format: str = "tags", syst
                                       top_p, progress=on_batch)
     finally:
         tokenizer.padding_side = padding_side
-    records = [score_problem(i, problems[i], out, answer_format, reward_funcs, reward_weights)
+    records = [{**score_problem(i, problems[i], out, answer_format, reward_funcs, reward_weights), "rank": rank}
                for i, out in zip(mine, outputs)]
     if dist is None:
         return summarize(records)[0], records

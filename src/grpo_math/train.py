@@ -37,6 +37,7 @@ from .rewards import get_reward_funcs
 
 CONFIG_FILE = "grpo_math_config.yaml"
 METRICS_FILE = "metrics.jsonl"
+RUN_INFO_FILE = "run_info.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +46,37 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_policy(model_args.model_name_or_path, model_args.dtype)
     dataset = load_train_data(script, tokenizer, args.max_prompt_length)
     trainer = build_trainer(script, args, model_args, model, tokenizer, dataset)
+    write_run_info(trainer)
     run_training(trainer, resume)
     save_final(trainer, script, args, model_args)
-    print(f"checkpoint: {args.output_dir}")
+    if trainer.accelerator.is_main_process:
+        print(f"checkpoint: {args.output_dir}")
     return 0
+
+
+def write_run_info(trainer) -> dict:
+    """``run_info.json``: world size, and one entry per process gathered over the process group (so a
+    multi-process run proves every process took part), device kind and versions. Rank 0 writes it."""
+    import platform
+
+    import torch
+    import transformers
+    import trl
+    from accelerate.utils import gather_object
+
+    acc = trainer.accelerator
+    me = {"rank": acc.process_index, "local_rank": acc.local_process_index, "pid": os.getpid(),
+          "host": platform.node(), "device": str(acc.device)}
+    processes = gather_object([me])
+    info = {"world_size": acc.num_processes, "num_machines": len({p["host"] for p in processes}),
+            "processes": processes, "distributed_type": str(acc.distributed_type),
+            "device_kind": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "mixed_precision": acc.mixed_precision,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}}
+    if acc.is_main_process:
+        Path(trainer.args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(trainer.args.output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return info
 
 
 def run_training(trainer, resume: str | None) -> None:
@@ -193,7 +221,8 @@ def trainer_class():
             # Single process: write checkpoint-N under .staging, add the config, then rename it into place.
             if self.accelerator.num_processes > 1:
                 super()._save_checkpoint(model, trial)
-                write_config(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}", self.run_config)
+                if self.args.should_save:
+                    write_config(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}", self.run_config)
                 return
             real = self.args.output_dir
             staging = Path(real) / ".staging"
