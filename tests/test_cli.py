@@ -86,3 +86,12 @@ def test_score_command_uses_recipe_rewards(tmp_path, capsys):
 def test_python_dash_m_is_the_cli():
     out = subprocess.run([sys.executable, "-m", "grpo_math", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "prepare-model" in out.stdout
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_accelerate_config_parses(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.mixed_precision == "bf16"

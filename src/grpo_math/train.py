@@ -277,11 +277,15 @@ def accuracy_callback(script: ScriptConfig, args: GRPOMathConfig):
 
 
 def save_final(trainer, script, args, model_args) -> None:
-    """Final model + tokenizer + resolved config in ``output_dir`` (LoRA adapters merged into the model)."""
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    if trainer.accelerator.is_main_process:
-        model.save_pretrained(args.output_dir)
-        trainer.processing_class.save_pretrained(args.output_dir)
+    """Final model + tokenizer + resolved config in ``output_dir``: LoRA adapters merged into the model;
+    otherwise ``trainer.save_model``, which gathers DeepSpeed ZeRO-3 / FSDP shards into one HF model."""
+    acc = trainer.accelerator
+    if model_args.use_peft:
+        merged = acc.unwrap_model(trainer.model).merge_and_unload()
+        if acc.is_main_process:
+            merged.save_pretrained(args.output_dir)
+            trainer.processing_class.save_pretrained(args.output_dir)
+    else:
+        trainer.save_model(args.output_dir)
+    if acc.is_main_process:
         write_config(Path(args.output_dir), to_dict(script, model_args, args))
