@@ -27,7 +27,7 @@ COMMANDS = {
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(message)  # main() prints it after "grpo-math <command>: error: "
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except struct.error:  # the header's own lengths point past the end of the file
+        raise UserError(f"cannot read GGUF file {gguf}: it ends early (truncated copy or download?)") from None
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot read GGUF file {gguf}: {str(err).splitlines()[0]}") from err
     config = quantized.config
@@ -111,6 +114,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def model_load_errors() -> tuple[type[Exception], ...]:
+    """What ``from_pretrained`` raises for a missing or corrupt model folder (a truncated safetensors file too)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
 def load_model(name: str, dtype: str = "auto", device: str | None = None):
     """Resolve ``name`` and return ``(model, tokenizer, local_path)``.
 
@@ -122,7 +132,7 @@ def load_model(name: str, dtype: str = "auto", device: str | None = None):
     path = resolve_model(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
-    except (OSError, ValueError) as err:
+    except model_load_errors() as err:
         raise UserError(f"cannot load model {name}: {str(err).splitlines()[0]}") from err
     if device:
         model.to(device)
