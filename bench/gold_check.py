@@ -36,7 +36,7 @@ def main() -> None:
     failing = [(p.where, line) for p in problems for line in p.solution.splitlines()
                if any(not s.ok for s in find_steps(line))]
     print(f"reference lines with an equation that does not verify: {len(failing)}")
-    for where, line in failing[:30]:
+    for where, line in failing[:60]:
         print(f"  {where}: {line.strip()[:110]}")
     empty = sum(1 for s, p in zip(steps, problems) if s == 0 and not any(x.ok is False for x in find_steps(p.solution)))
     print(f"references with steps = 0 and no false line (nothing countable: algebra, world-knowledge numbers, "
