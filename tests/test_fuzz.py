@@ -34,6 +34,7 @@ from grpo_math.rewards import MAX_STEP_CHARS, REWARDS, get_reward_funcs
 SCALE = int(os.environ.get("GRPO_MATH_FUZZ_SCALE", "1"))
 CALL_LIMIT_S = 1.0  # one reward call on one completion (or one extractor call), math_verify not involved
 VERIFY_LIMIT_S = VERIFY_TIMEOUT_S + 1.0  # a call that reached math_verify: its timeout plus slack
+RESTART_S = 5.0  # starting a fresh math_verify worker after a timeout (~1-2 s measured on 2 busy cores)
 FUNCS = {fmt: get_reward_funcs(list(REWARDS), fmt) for fmt in ANSWER_FORMATS}
 
 
@@ -174,8 +175,11 @@ def timed(fn, *args, **kwargs):
     return result, elapsed, verified
 
 
-def check_rewards(completion: str, gold: str, question: str, answer_format: str) -> None:
-    """Every reward, called as TRL calls it, on the completion as a string and as chat messages."""
+def check_rewards(completion: str, gold: str, question: str, answer_format: str, slack: float = 0.0) -> None:
+    """Every reward, called as TRL calls it, on the completion as a string and as chat messages.
+
+    `slack`: extra seconds a call may wait, for a thread that shares the math_verify worker with another one.
+    """
     chat = [{"role": "assistant", "content": completion}]
     note(f"completion length < 10^{len(str(len(completion)))}")
     for f in FUNCS[answer_format]:
@@ -185,11 +189,11 @@ def check_rewards(completion: str, gold: str, question: str, answer_format: str)
         low, high = RANGES[f.__name__]
         assert len(values) == 2 and values[0] == values[1], (f.__name__, values)
         assert isinstance(values[0], float) and math.isfinite(values[0]) and low <= values[0] <= high, (f.__name__, values)
-        limit = 2 * (VERIFY_LIMIT_S if verified else CALL_LIMIT_S)  # two completions per call
+        limit = 2 * (VERIFY_LIMIT_S if verified else CALL_LIMIT_S) + slack  # two completions per call
         assert elapsed < limit, (f.__name__, answer_format, f"{elapsed:.2f} s", completion[:80])
 
 
-def check_extractors(text: str) -> None:
+def check_extractors(text: str, slack: float = 0.0) -> None:
     for answer_format in ANSWER_FORMATS:
         found, elapsed, _ = timed(find_answers, text, answer_format)
         assert elapsed < CALL_LIMIT_S and all(0 <= s < e <= len(text) and isinstance(c, str) for s, e, c in found)
@@ -201,7 +205,8 @@ def check_extractors(text: str) -> None:
     assert elapsed < CALL_LIMIT_S and (value is None or isinstance(value, float) and math.isfinite(value))
     for pred in (text, strict, flexible):
         match, elapsed, verified = timed(answers_match, pred, "18")
-        assert isinstance(match, bool) and elapsed < (VERIFY_LIMIT_S if verified else CALL_LIMIT_S), (pred, elapsed)
+        limit = (VERIFY_LIMIT_S if verified else CALL_LIMIT_S) + slack
+        assert isinstance(match, bool) and elapsed < limit, (pred, elapsed)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -235,14 +240,16 @@ def test_extractors_never_raise_and_are_fast(text):
     check_extractors(text)
 
 
-@fuzz(40)
-@given(completions=st.lists(COMPLETIONS, min_size=2, max_size=2), gold=GOLDS)
+@fuzz(25)
+@given(completions=st.lists(st.one_of(LATEX, COMPLETIONS), min_size=2, max_size=2), gold=GOLDS)
 def test_rewards_and_math_verify_are_bounded_in_worker_threads(completions, gold):
-    """Two threads at once (TRL may score from a worker thread): math_verify's timeout must still hold there."""
-    latex = [f"<think>{c}</think>\n<answer>{c}</answer>" for c in completions]
+    """Two threads at once (TRL may score from a worker thread): math_verify's timeout must still hold there.
+    A call may also wait for the other thread's math_verify call (and a restart of the worker) to finish."""
+    wrapped = [f"<think>{c}</think>\n<answer>{c}</answer>" for c in completions]
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(check_rewards, text, gold, JANET, fmt) for text in latex for fmt in ("tags", "boxed")]
-        jobs += [pool.submit(check_extractors, text) for text in completions]
+        jobs = [pool.submit(check_rewards, text, gold, JANET, fmt, VERIFY_LIMIT_S + RESTART_S)
+                for text in wrapped for fmt in ("tags", "boxed")]
+        jobs += [pool.submit(check_extractors, text, VERIFY_LIMIT_S + RESTART_S) for text in completions]
         for job in jobs:
             job.result(timeout=120)
 

@@ -239,7 +239,14 @@ class _Sandbox:
         if not self._conn.poll(VERIFY_START_TIMEOUT_S):
             self._stop()
             raise RuntimeError(f"math_verify worker did not start within {VERIFY_START_TIMEOUT_S} s")
-        self._conn.recv()
+        try:
+            self._conn.recv()
+        except EOFError:  # it died while starting: its traceback is on stderr above
+            proc = self._proc
+            self._stop()
+            raise RuntimeError(f"math_verify worker exited while starting (exit code {proc.exitcode}, its error is "
+                               "above); a script that scores answers needs an `if __name__ == '__main__':` guard "
+                               "(the worker is spawned and re-imports the main module)") from None
 
     def _stop(self) -> None:
         self._proc.kill()

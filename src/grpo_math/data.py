@@ -110,7 +110,7 @@ def parse_row(row: dict, where: str) -> Problem:
     """Check one raw row and split its answer field into reasoning and gold number."""
     for field in ("question", "answer"):
         if not isinstance(row.get(field), str) or not row[field].strip():
-            raise ValueError(f"{where}: field '{field}' is missing or empty")
+            raise ValueError(f"{where}: field '{field}' is missing, empty or not text")
     try:
         solution, answer = split_solution(row["answer"])
     except ValueError as err:
@@ -135,7 +135,8 @@ def load_problems(dataset_name: str, split: str = "train", limit: int | None = N
             skipped += 1
     load_problems.skipped = skipped
     if not problems:
-        raise UserError(f"dataset '{dataset_name}' split '{split}' has no usable rows")
+        bad = f" (all {skipped} skipped as bad)" if skipped else ""
+        raise UserError(f"dataset '{dataset_name}' split '{split}' has no usable rows{bad}")
     if seed is not None:
         import random
 
