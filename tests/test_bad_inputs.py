@@ -75,7 +75,6 @@ def no_progress_bars():
     datasets.enable_progress_bars()
 
 
-PREFIX_TWICE = "config.Parser.error repeats the prog: raise UserError(message), as cli.Parser does"
 LEAD = "known gap, see the report to the lead: "
 
 # (row of docs/bad-inputs.md, argv, pieces the one error line must hold, needs the embedded model, xfail reason)
@@ -86,14 +85,13 @@ CASES = [
     ("folder without config.json", ["train", "--model_name_or_path", "{tmp}/empty"],
      ["model folder {tmp}/empty has no config.json"], False, None),
     ("corrupt config.json", ["train", "--model_name_or_path", "{tmp}/corrupt_config"],
-     ["cannot load model {tmp}/corrupt_config", "config.json"], False, None),
+     ["cannot load tokenizer from {tmp}/corrupt_config", "config.json"], False, None),
     ("folder without weights", ["train", "--model_name_or_path", "{tmp}/no_weights"],
      ["cannot load model {tmp}/no_weights", "model.safetensors"], True, None),
     ("truncated safetensors (ask, eval)", ["ask", "--model", "{tmp}/bad_weights", "hi"],
      ["cannot load model {tmp}/bad_weights", "header"], True, None),
     ("truncated safetensors (train)", ["train", "--model_name_or_path", "{tmp}/bad_weights"],
-     ["cannot load model {tmp}/bad_weights"], True,
-     LEAD + "train.load_policy catches (OSError, ValueError) only; catch models.model_load_errors()"),
+     ["cannot load model {tmp}/bad_weights"], True, None),
     ("no model at all", ["train"], ["no model given: set --model_name_or_path"], False, None),
     ("garbage .gguf", ["prepare-model", "--model", "{tmp}/garbage.gguf"],
      ["cannot read GGUF file {tmp}/garbage.gguf", "GGUF magic"], False, None),
@@ -114,27 +112,22 @@ CASES = [
     ("every row bad, skipped", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/all_bad",
                                 "--skip_bad_rows"], ["has no usable rows (all 1 skipped as bad)"], True, None),
     # -- recipes (YAML) --
-    ("YAML: text for a float", ["train", "--config", "{tmp}/wrong_float.yaml"], ["learning_rate", "'fast'"], False,
-     PREFIX_TWICE),
-    ("YAML: text for a bool", ["train", "--config", "{tmp}/wrong_bool.yaml"], ["bf16", "maybe"], False, PREFIX_TWICE),
+    ("YAML: text for a float", ["train", "--config", "{tmp}/wrong_float.yaml"], ["learning_rate", "'fast'"], False, None),
+    ("YAML: text for a bool", ["train", "--config", "{tmp}/wrong_bool.yaml"], ["bf16", "maybe"], False, None),
     ("YAML: float for an int", ["train", "--config", "{tmp}/float_int.yaml"], ["num_generations", "2.5"], False, None),
-    ("YAML: string for a list", ["train", "--config", "{tmp}/str_list.yaml"], ["reward_funcs"], False,
-     LEAD + "a YAML string for reward_funcs is split into letters ('unknown reward 'c''); accept or reject it"),
     ("YAML: tab indentation", ["train", "--config", "{tmp}/tab.yaml"], ["{tmp}/tab.yaml:2: invalid YAML"], False, None),
     ("YAML: not a mapping", ["train", "--config", "{tmp}/list_top.yaml"], ["{tmp}/list_top.yaml", "mapping"], False,
      None),
     # -- batch sizes --
-    ("negative batch size", ["train", "--per_device_train_batch_size", "-1"], ["per_device_train_batch_size must be > 0"],
+    ("negative batch size", ["train", "--per_device_train_batch_size", "-1"], ["per_device_train_batch_size must be a positive integer, not -1"],
      False, None),
-    ("one generation per prompt", ["train", "--num_generations", "1"], ["num_generations >= 2"], False, None),
-    ("zero gradient accumulation", ["train", "--gradient_accumulation_steps", "0"], ["gradient_accumulation_steps"],
-     False, LEAD + "accepted, then torch raises 'batch_size should be a positive integer' with a traceback"),
-    ("zero completion length", ["train", "--max_completion_length", "0"], ["max_completion_length"], False,
-     LEAD + "'(max_completion_length or 1) <= 0' lets 0 through; GenerationConfig then raises with a traceback"),
+    ("one generation per prompt", ["train", "--num_generations", "1"], ["num_generations must be >= 2"], False, None),
+    ("zero gradient accumulation", ["train", "--gradient_accumulation_steps", "0"], ["gradient_accumulation_steps must be a positive integer, not 0"],
+     False, None),
+    ("zero completion length", ["train", "--max_completion_length", "0"], ["max_completion_length must be > 0"], False, None),
     ("negative max_prompt_length", ["train", "--max_prompt_length", "-5"], ["max_prompt_length"], False, None),
     ("num_generations does not divide the batch", ["train", "--per_device_train_batch_size", "6", "--num_generations",
-                                                   "4"], ["num_generations", "per_device_train_batch_size"], False,
-     LEAD + "TRL's 'generation_batch_size (6) must be divisible by num_generations (4).' names a value never set"),
+                                                   "4"], ["= 6 completions per step is not a multiple of num_generations (4)", "one of [2, 3, 6]"], False, None),
     ("prompt longer than max_prompt_length", ["train", "--model_name_or_path", "{model}", "--dataset_limit", "4",
                                               "--max_prompt_length", "32"],
      ["tokens > max_prompt_length=32", "raise --max_prompt_length to at least"], True, None),
@@ -193,3 +186,11 @@ def test_tokenizer_without_chat_template_gets_plain_text_prompts(embedded_model)
         messages = build_prompt(row["question"], script.answer_format, script.system_prompt)
         assert row["prompt"] == render_plain(messages) == apply_template(tokenizer, messages)
         assert row["question"] in row["prompt"] and "<|im_start|>" not in row["prompt"]
+
+
+def test_a_single_reward_name_in_a_recipe_is_a_list_of_one(tmp_path):
+    from grpo_math.config import parse_train_args
+
+    recipe = tmp_path / "one.yaml"
+    recipe.write_text("reward_funcs: correct\nreward_weights: [1.0]\n")
+    assert parse_train_args(["--config", str(recipe)])[0].reward_funcs == ["correct"]

@@ -38,7 +38,7 @@ def run_cli(args, capsys):
     (["train", "--reward_funcs", "correct", "bogus"], "unknown reward 'bogus'; valid: correct"),
     (["train", "--no_such_flag", "1"], "no_such_flag"),
     (["train", "--config", "no/such/recipe.yaml"], "recipe not found"),
-    (["train", "--per_device_train_batch_size", "0"], "per_device_train_batch_size must be > 0"),
+    (["train", "--per_device_train_batch_size", "0"], "per_device_train_batch_size must be a positive integer"),
     (["train", "--answer_format", "xml"], "answer_format 'xml' is unknown"),
     (["frobnicate"], "unknown command 'frobnicate'"),
     (["prepare-model", "--model", "./nope.gguf"], "model path not found"),

@@ -13,6 +13,7 @@ field share one name; the recipe sets defaults and flags override them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 
 import yaml
@@ -41,6 +42,8 @@ class ScriptConfig(ScriptArguments):
     reward_preset: str | None = field(default=None, metadata={"help": f"Named reward set with weights: {', '.join(PRESETS)}; sets reward_funcs and reward_weights."})
 
     def __post_init__(self):
+        if isinstance(self.reward_funcs, str):  # `reward_funcs: correct` in a recipe
+            self.reward_funcs = self.reward_funcs.split()
         if self.answer_format not in ANSWER_FORMATS:
             raise UserError(f"answer_format '{self.answer_format}' is unknown; valid: {', '.join(ANSWER_FORMATS)}")
         if self.num_few_shot < 0 or (self.dataset_limit is not None and self.dataset_limit <= 0):
@@ -89,24 +92,46 @@ class GRPOMathConfig(GRPOConfig):
             import torch
 
             self.bf16 = torch_dtype("auto") == torch.bfloat16
-        if self.per_device_train_batch_size <= 0 or (self.num_generations or 0) < 2:
-            raise UserError("per_device_train_batch_size must be > 0 and num_generations >= 2 (GRPO compares completions within a group)")
+        self.check_batch_sizes()
         if self.on_bad_step not in ("stop", "skip"):
             raise UserError(f"on_bad_step must be 'stop' or 'skip', not '{self.on_bad_step}'")
         if self.eval_limit < 0:
             raise UserError("eval_limit must be >= 0")
         if self.eval_limit and not self.eval_steps:
             self.eval_steps = self.save_steps
-        if self.max_prompt_length <= 0 or (self.max_completion_length or 1) <= 0:
+        if self.max_prompt_length <= 0 or (self.max_completion_length is not None and self.max_completion_length <= 0):
             raise UserError("max_prompt_length and max_completion_length must be > 0")
         super().__post_init__()
+
+
+    def check_batch_sizes(self) -> None:
+        """Completions per optimizer step must fill whole groups of ``num_generations`` (checked before TRL's
+        own check, whose message names its derived ``generation_batch_size``)."""
+        import os
+
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UserError(f"{name} must be a positive integer, not {value!r}")
+        if self.num_generations is not None and self.num_generations < 2:
+            raise UserError("num_generations must be >= 2 (GRPO compares completions within a group)")
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = self.per_device_train_batch_size * processes * (self.steps_per_generation or self.gradient_accumulation_steps)
+        g = self.num_generations or 8
+        if self.generation_batch_size is None and per_step % g:
+            fits = [n for n in range(2, per_step + 1) if per_step % n == 0]
+            raise UserError(
+                f"per_device_train_batch_size x processes x gradient_accumulation_steps = {self.per_device_train_batch_size} x "
+                f"{processes} x {self.steps_per_generation or self.gradient_accumulation_steps} = {per_step} completions per "
+                f"step is not a multiple of num_generations ({g}): set num_generations to one of {fits} or "
+                f"per_device_train_batch_size to a multiple of {g}")
 
 
 class Parser(TrlParser):
     """TrlParser whose errors are one line and exit code 2 (argparse prints usage and a second line)."""
 
     def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(message)
 
 
 def parse_train_args(argv: list[str] | None = None) -> tuple[ScriptConfig, GRPOMathConfig, ModelConfig]:
@@ -121,7 +146,12 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[ScriptConfig, GRPOM
         where = f"{mark.name}:{mark.line + 1}" if mark else "recipe"
         raise UserError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
     except ValueError as err:  # unknown keys in a recipe or flags, wrong types
-        raise UserError(str(err).splitlines()[0]) from None
+        message = str(err).splitlines()[0]
+        unknown = re.search(r"(?:not used by the HfArgumentParser|Unknown arguments from config file): (\[.*?\])", message)
+        if unknown:
+            where = "recipe key" if "config file" in message else "flag"
+            message = f"unknown {where}(s) {unknown.group(1)}; see grpo-math train --help for valid names"
+        raise UserError(message) from None
     if script.reward_preset:
         script.reward_funcs = list(PRESETS[script.reward_preset])
         grpo.reward_weights = list(PRESETS[script.reward_preset].values())

@@ -32,7 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from . import UserError
 from .config import GRPOMathConfig, ScriptConfig, parse_train_args, to_dict
 from .data import load_gsm8k, render_plain
-from .models import apply_template, load_tokenizer, resolve_model, torch_dtype
+from .models import apply_template, load_tokenizer, model_load_errors, resolve_model, torch_dtype
 from .rewards import get_reward_funcs
 
 CONFIG_FILE = "grpo_math_config.yaml"
@@ -43,8 +43,10 @@ RUN_INFO_FILE = "run_info.json"
 def main(argv: list[str] | None = None) -> int:
     script, args, model_args = parse_train_args(argv)
     resume = find_resume_checkpoint(args)
-    model, tokenizer = load_policy(model_args.model_name_or_path, model_args.dtype)
-    dataset = load_train_data(script, tokenizer, args.max_prompt_length)
+    path = resolve_model(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(path)
+    dataset = load_train_data(script, tokenizer, args.max_prompt_length)  # bad data fails before the model loads
+    model = load_policy(path, model_args.dtype)
     trainer = build_trainer(script, args, model_args, model, tokenizer, dataset)
     write_run_info(trainer)
     run_training(trainer, resume)
@@ -118,16 +120,14 @@ def find_resume_checkpoint(args: GRPOMathConfig) -> str | None:
     return last
 
 
-def load_policy(name: str, dtype: str | None):
-    """Policy model (weights kept in fp32 unless asked: mixed precision comes from ``bf16``) and tokenizer."""
+def load_policy(path: str, dtype: str | None):
+    """Policy weights in fp32 unless asked (mixed precision comes from ``bf16``)."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype or "float32"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load model {name}: {str(err).splitlines()[0]}") from None
-    return model, load_tokenizer(path)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype or "float32"))
+    except model_load_errors() as err:
+        raise UserError(f"cannot load model {path}: {str(err).splitlines()[0]}") from None
 
 
 def load_train_data(script: ScriptConfig, tokenizer, max_prompt_length: int):
