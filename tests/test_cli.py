@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_math.cli import main
+from grpo_math.cli import COMMANDS, main
 from grpo_math.config import parse_train_args
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -95,3 +95,11 @@ def test_every_accelerate_config_parses(path):
 
     config = load_config_from_file(str(path))
     assert config.num_processes >= 1 and config.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_an_entry_point(name):
+    import importlib
+
+    module, function, _ = COMMANDS[name]
+    assert callable(getattr(importlib.import_module(module), function))

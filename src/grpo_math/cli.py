@@ -15,7 +15,6 @@ from . import UserError
 
 COMMANDS = {
     "train": ("grpo_math.train", "main", "GRPO-train a model on GSM8K (TRL GRPOTrainer)"),
-    "sft": ("grpo_math.train", "sft_main", "cold-start SFT on reference solutions in the asked format"),
     "eval": ("grpo_math.evaluate", "eval_command", "GSM8K accuracy: strict/flexible, pass@k, maj@k, CIs"),
     "compare": ("grpo_math.evaluate", "compare_command", "two eval folders side by side with paired significance"),
     "report": ("grpo_math.report", "report_command", "PNG curves and a self-contained report.html for a run"),

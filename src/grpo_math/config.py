@@ -13,17 +13,19 @@ field share one name; the recipe sets defaults and flags override them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
-
-import yaml
 from dataclasses import dataclass, field
 
+import torch
+import yaml
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 from . import UserError
 from .answers import ANSWER_FORMATS
 from .data import SYSTEM_PROMPT
+from .models import torch_dtype
 from .rewards import PRESETS, REWARDS
 
 
@@ -80,17 +82,10 @@ class GRPOMathConfig(GRPOConfig):
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
 
     def __post_init__(self):
-        import os
-
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch
-
             # Several processes without a GPU (torchrun on CPU): accelerate only forms a gloo group with use_cpu.
             self.use_cpu = self.use_cpu or not torch.cuda.is_available()
         if self.bf16 is None and not self.fp16:
-            from .models import torch_dtype
-            import torch
-
             self.bf16 = torch_dtype("auto") == torch.bfloat16
         self.check_batch_sizes()
         if self.on_bad_step not in ("stop", "skip"):
@@ -103,12 +98,9 @@ class GRPOMathConfig(GRPOConfig):
             raise UserError("max_prompt_length and max_completion_length must be > 0")
         super().__post_init__()
 
-
     def check_batch_sizes(self) -> None:
         """Completions per optimizer step must fill whole groups of ``num_generations`` (checked before TRL's
         own check, whose message names its derived ``generation_batch_size``)."""
-        import os
-
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

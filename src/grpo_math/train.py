@@ -1,4 +1,4 @@
-"""GRPO training on GSM8K with TRL's ``GRPOTrainer`` (and the cold-start SFT stage with ``SFTTrainer``).
+"""GRPO training on GSM8K with TRL's ``GRPOTrainer``.
 
 ``main()`` reads as the pipeline: config -> data -> model -> rewards -> trainer -> train -> save.
 The run folder (``output_dir``) holds ``checkpoint-N/`` (model, tokenizer, optimizer, RNG, config),
