@@ -127,18 +127,24 @@ def load_model(name: str, dtype: str = "auto", device: str | None = None):
     ``dtype``: "auto" (bf16 on a GPU or a CPU with native bf16, else fp32), "bfloat16", "float16" or "float32".
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
-    except model_load_errors() as err:
-        raise UserError(f"cannot load model {name}: {str(err).splitlines()[0]}") from err
+    model = load_weights(path, dtype)
     if device:
         model.to(device)
     elif torch.cuda.is_available():
         model.to("cuda")
     return model, load_tokenizer(path), path
+
+
+def load_weights(path: str, dtype: str = "auto"):
+    """``AutoModelForCausalLM.from_pretrained`` on a resolved folder; a missing or corrupt model is a ``UserError``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    except model_load_errors() as err:
+        raise UserError(f"cannot load model {path}: {str(err).splitlines()[0]}") from None
 
 
 def cpu_has_bf16() -> bool:

@@ -32,7 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from . import UserError
 from .config import GRPOMathConfig, ScriptConfig, parse_train_args, to_dict
 from .data import load_gsm8k, render_plain
-from .models import apply_template, load_tokenizer, model_load_errors, resolve_model, torch_dtype
+from .models import apply_template, load_tokenizer, load_weights, resolve_model
 from .rewards import get_reward_funcs
 
 CONFIG_FILE = "grpo_math_config.yaml"
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model(model_args.model_name_or_path)
     tokenizer = load_tokenizer(path)
     dataset = load_train_data(script, tokenizer, args.max_prompt_length)  # bad data fails before the model loads
-    model = load_policy(path, model_args.dtype)
+    model = load_weights(path, model_args.dtype or "float32")  # fp32 master weights; mixed precision from bf16
     trainer = build_trainer(script, args, model_args, model, tokenizer, dataset)
     write_run_info(trainer)
     run_training(trainer, resume)
@@ -118,16 +118,6 @@ def find_resume_checkpoint(args: GRPOMathConfig) -> str | None:
         kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         metrics.write_text("".join(line + "\n" for line in kept))
     return last
-
-
-def load_policy(path: str, dtype: str | None):
-    """Policy weights in fp32 unless asked (mixed precision comes from ``bf16``)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype or "float32"))
-    except model_load_errors() as err:
-        raise UserError(f"cannot load model {path}: {str(err).splitlines()[0]}") from None
 
 
 def load_train_data(script: ScriptConfig, tokenizer, max_prompt_length: int):
