@@ -14,7 +14,8 @@ from grpo_math.cli import main
 from grpo_math.report import load_run, report_command
 
 RUN = Path(__file__).parent / "fixtures" / "run"
-PLOTS = ["reward.png", "reward_parts.png", "completion_length.png", "kl.png", "eval_accuracy.png", "before_after.png"]
+PLOTS = ["reward.png", "reward_parts.png", "completion_length.png", "zero_std.png", "kl.png", "sft.png",
+         "eval_accuracy.png", "before_after.png"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_run_without_evals_or_completions(tmp_path):
     shutil.copy(RUN / "metrics.jsonl", tmp_path)
     assert report_command([str(tmp_path)]) == 0
     written = sorted(p.name for p in (tmp_path / "report").iterdir())
-    assert written == sorted(set(PLOTS) - {"before_after.png"} | {"report.html"})
+    assert written == sorted(set(PLOTS) - {"before_after.png", "sft.png"} | {"report.html"})
     assert "No training completions" in (tmp_path / "report" / "report.html").read_text()
 
 

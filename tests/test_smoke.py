@@ -1,5 +1,6 @@
 """Tiny-model tier: GRPO-train the embedded SmolLM2-135M for 2 steps, killed with SIGKILL after the first
-checkpoint and resumed; then check the weights changed, reload and generate.
+checkpoint and resumed; then check the weights changed, reload and generate. Also the two-stage path: one cold
+start (SFT) step, then one GRPO step from its checkpoint.
 
 About 5 minutes on 2 CPU cores (the first run also converts the GGUF once, ~35 s).
 """
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +76,24 @@ def test_resume_after_kill_continues_without_gap_or_duplicate(run):
     assert steps(run) == [1, 2]
     state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and [log["step"] for log in state["log_history"] if "loss" in log] == [1, 2]
+
+
+def test_cold_start_then_grpo_from_its_checkpoint(tmp_path, embedded_model):
+    out = tmp_path / "two-stage"
+    args = [*TINY, "--num_few_shot", "0", "--sft_examples", "4", "--sft_batch_size", "2", "--max_steps", "1",
+            "--max_completion_length", "16", "--output_dir", str(out)]
+    assert main(["train", *args]) == 0
+    sft = out / "sft"
+    assert (sft / "grpo_math_config.yaml").is_file() and not (out / ".sft-staging").exists()
+    assert any("loss" in json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines())
+    base, cold, final = (load_file(str(folder / "model.safetensors")) for folder in (Path(embedded_model), sft, out))
+    assert sum(not torch.equal(base[k], cold[k]) for k in base) > len(base) // 2  # SFT trained (2 steps, 1 of warmup)
+
+    def distance(a, b):
+        return sum((a[k] - b[k]).abs().sum().item() for k in a)
+
+    assert distance(final, cold) < distance(final, base) / 10  # GRPO started from the cold-start weights
+    assert steps(out) == [1]
 
 
 @pytest.mark.slow

@@ -115,3 +115,53 @@ def test_other_errors_are_not_disguised(tmp_path):
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run_training(FakeTrainer(RuntimeError("shape mismatch"), tmp_path), None)
+
+
+def test_cold_start_rows_are_the_grpo_prompt_and_the_formatted_reference():
+    from grpo_math.data import build_prompt, load_problems
+    from grpo_math.models import load_tokenizer, resolve_model
+    from grpo_math.train import sft_data
+
+    script, _, _ = parse_train_args(["--sft_examples", "3"])
+    tokenizer = load_tokenizer(resolve_model("embedded"))
+    rows = sft_data(script, tokenizer)
+    first = load_problems("builtin")[0]
+    assert len(rows) == 3 and rows[0]["prompt"] == build_prompt(first.question)
+    [message] = rows[0]["completion"]
+    assert message["role"] == "assistant" and message["content"].endswith(f"<answer>{first.answer}</answer>")
+    assert "<think>" in message["content"] and "<<" not in "".join(r["completion"][0]["content"] for r in rows)
+
+
+def test_cold_start_keeps_annotations_when_asked(tmp_path):
+    from grpo_math.train import sft_data
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "Q?", "answer": "2*3 = <<2*3=6>>6 apples\n#### 6"}) + "\n")
+    script, _, _ = parse_train_args(["--dataset_name", str(tmp_path), "--sft_examples", "1", "--sft_keep_annotations", "true"])
+    tokenizer = type("PlainTokenizer", (), {"chat_template": None})()
+    [row] = sft_data(script, tokenizer)
+    assert isinstance(row["prompt"], str) and "<<2*3=6>>" in row["completion"]
+
+
+def test_grpo_uses_the_problems_after_the_cold_start_ones():
+    from grpo_math.data import load_gsm8k
+
+    sft = list(load_gsm8k("builtin", limit=5, seed=1)["question"])
+    grpo = list(load_gsm8k("builtin", limit=5, seed=1, skip=5)["question"])
+    assert len(grpo) == 5 and not set(sft) & set(grpo)
+    assert list(load_gsm8k("builtin", limit=10, seed=1)["question"]) == sft + grpo
+    with pytest.raises(UserError, match="all used by the cold start"):
+        load_gsm8k("builtin", skip=10_000)
+
+
+@pytest.mark.parametrize("flag,value", [("--sft_examples", "-1"), ("--sft_epochs", "0"), ("--sft_learning_rate", "0"),
+                                        ("--sft_batch_size", "0")])
+def test_cold_start_settings_are_validated(flag, value):
+    with pytest.raises(UserError, match="sft_examples must be >= 0"):
+        parse_train_args([flag, value])
+
+
+def test_sft_command_needs_examples(capsys):
+    from grpo_math.cli import main
+
+    assert main(["sft", "--config", "recipes/smoke.yaml"]) == 2
+    assert "set --sft_examples N" in capsys.readouterr().err

@@ -14,7 +14,8 @@ import sys
 from . import UserError
 
 COMMANDS = {
-    "train": ("grpo_math.train", "main", "GRPO-train a model on GSM8K (TRL GRPOTrainer)"),
+    "train": ("grpo_math.train", "main", "GRPO-train a model on GSM8K (TRL GRPOTrainer), after the cold start if set"),
+    "sft": ("grpo_math.train", "sft_command", "cold start only: SFT on formatted GSM8K solutions (TRL SFTTrainer)"),
     "eval": ("grpo_math.evaluate", "eval_command", "GSM8K accuracy: strict/flexible, pass@k, maj@k, CIs"),
     "compare": ("grpo_math.evaluate", "compare_command", "two eval folders side by side with paired significance"),
     "report": ("grpo_math.report", "report_command", "PNG curves and a self-contained report.html for a run"),

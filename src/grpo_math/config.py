@@ -42,6 +42,11 @@ class ScriptConfig(ScriptArguments):
     num_few_shot: int = field(default=0, metadata={"help": "Worked examples (from the builtin set) put before each question."})
     reward_funcs: list[str] = field(default_factory=lambda: list(PRESETS["default"]), metadata={"help": f"Reward names: {', '.join(REWARDS)}."})
     reward_preset: str | None = field(default=None, metadata={"help": f"Named reward set with weights: {', '.join(PRESETS)}; sets reward_funcs and reward_weights."})
+    sft_examples: int = field(default=0, metadata={"help": "Cold start: SFT on the first N training solutions, rewritten into answer_format, before GRPO (which then uses the problems after them); 0 = no cold start."})
+    sft_epochs: float = field(default=1.0, metadata={"help": "Cold start: epochs over the sft_examples."})
+    sft_learning_rate: float = field(default=5e-5, metadata={"help": "Cold start: AdamW learning rate (linear decay)."})
+    sft_batch_size: int = field(default=8, metadata={"help": "Cold start: sequences per optimizer step."})
+    sft_keep_annotations: bool = field(default=False, metadata={"help": "Cold start: keep GSM8K's <<a*b=c>> calculator annotations in the solutions."})
 
     def __post_init__(self):
         if isinstance(self.reward_funcs, str):  # `reward_funcs: correct` in a recipe
@@ -50,6 +55,8 @@ class ScriptConfig(ScriptArguments):
             raise UserError(f"answer_format '{self.answer_format}' is unknown; valid: {', '.join(ANSWER_FORMATS)}")
         if self.num_few_shot < 0 or (self.dataset_limit is not None and self.dataset_limit <= 0):
             raise UserError("num_few_shot must be >= 0 and dataset_limit > 0")
+        if self.sft_examples < 0 or self.sft_epochs <= 0 or self.sft_learning_rate <= 0 or self.sft_batch_size < 1:
+            raise UserError("sft_examples must be >= 0, sft_epochs and sft_learning_rate > 0, sft_batch_size >= 1")
         unknown = [name for name in self.reward_funcs if name not in REWARDS]
         if unknown:
             raise UserError(f"unknown reward '{unknown[0]}'; valid: {', '.join(REWARDS)}")
@@ -126,9 +133,9 @@ class Parser(TrlParser):
         raise UserError(message)
 
 
-def parse_train_args(argv: list[str] | None = None) -> tuple[ScriptConfig, GRPOMathConfig, ModelConfig]:
+def parse_train_args(argv: list[str] | None = None, prog: str = "grpo-math train") -> tuple[ScriptConfig, GRPOMathConfig, ModelConfig]:
     """Parse ``--config recipe.yaml`` plus flags into the three config dataclasses."""
-    parser = Parser((ScriptConfig, GRPOMathConfig, ModelConfig), prog="grpo-math train")
+    parser = Parser((ScriptConfig, GRPOMathConfig, ModelConfig), prog=prog)
     try:
         script, grpo, model = parser.parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
     except FileNotFoundError as err:

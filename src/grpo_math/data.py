@@ -119,8 +119,8 @@ def parse_row(row: dict, where: str) -> Problem:
 
 
 def load_problems(dataset_name: str, split: str = "train", limit: int | None = None, seed: int | None = None,
-                  skip_bad_rows: bool = False) -> list[Problem]:
-    """Parsed problems in file order (or shuffled with ``seed``), the first ``limit`` of them.
+                  skip_bad_rows: bool = False, skip: int = 0) -> list[Problem]:
+    """Parsed problems in file order (or shuffled with ``seed``): ``limit`` of them after the first ``skip``.
 
     A row without a parseable gold answer raises a ``UserError`` naming file and line, unless
     ``skip_bad_rows``: then it is skipped and counted in ``load_problems.skipped``.
@@ -141,7 +141,10 @@ def load_problems(dataset_name: str, split: str = "train", limit: int | None = N
         import random
 
         random.Random(seed).shuffle(problems)
-    return problems[:limit] if limit else problems
+    if skip >= len(problems):
+        raise UserError(f"dataset '{dataset_name}' split '{split}' has {len(problems)} problems, all used by the "
+                        f"cold start (sft_examples={skip}); lower sft_examples")
+    return problems[skip:skip + limit] if limit else problems[skip:]
 
 
 def format_solution(solution: str, answer: str, answer_format: str = "tags", keep_annotations: bool = True) -> str:
@@ -182,14 +185,14 @@ def render_plain(messages: list[dict]) -> str:
 
 def load_gsm8k(dataset_name: str = BUILTIN, split: str = "train", limit: int | None = None, seed: int | None = None,
                answer_format: str = "tags", system_prompt: str | None = SYSTEM_PROMPT, num_few_shot: int = 0,
-               skip_bad_rows: bool = False):
+               skip_bad_rows: bool = False, skip: int = 0):
     """A ``datasets.Dataset`` with ``question``, ``answer``, ``solution`` and ``prompt`` columns.
 
     Few-shot examples come from the builtin problems, so no GSM8K solution can leak into a GSM8K prompt.
     """
     from datasets import Dataset
 
-    problems = load_problems(dataset_name, split, limit, seed, skip_bad_rows)
+    problems = load_problems(dataset_name, split, limit, seed, skip_bad_rows, skip)
     shots = load_problems(BUILTIN)[:num_few_shot] if num_few_shot else []
     return Dataset.from_list([
         {"question": p.question, "answer": p.answer, "solution": p.solution,

@@ -1,11 +1,13 @@
 """``grpo-math report RUN_DIR``: PNG curves and one self-contained ``report.html`` for a training run.
 
 Reads what a run folder holds (see ``train.py``): ``metrics.jsonl`` (TRL's log lines), ``grpo_math_config.yaml``,
-sampled completions (``completions.jsonl`` and/or TRL's ``completions/*.parquet``) and the before/after
-evaluations ``eval/base`` and ``eval/final`` (``results.json`` + ``samples.jsonl`` of ``grpo-math eval``;
-``--before``/``--after`` name other folders). Writes into ``RUN_DIR/report`` (or ``--output``)::
+sampled completions (``completions.jsonl`` and/or TRL's ``completions/*.parquet``), the cold start's
+``sft/metrics.jsonl`` and the evaluations ``eval/base``, ``eval/sft`` and ``eval/final`` (``results.json`` +
+``samples.jsonl`` of ``grpo-math eval``; ``--before``/``--sft``/``--after`` name other folders). Writes into
+``RUN_DIR/report`` (or ``--output``)::
 
-    reward.png  reward_parts.png  completion_length.png  kl.png  eval_accuracy.png  before_after.png  report.html
+    reward.png  reward_parts.png  completion_length.png  zero_std.png  kl.png  sft.png  eval_accuracy.png
+    before_after.png  report.html
 
 A plot is left out when the run has no data for it. ``report.html`` embeds the plots as data URIs and needs
 no server or network. Its sample browser shows each completion's reward parts, with arithmetic lines marked
@@ -53,7 +55,8 @@ class Run:
     metrics: list[dict]
     config: dict
     completions: list[dict]  # {"step", "question", "completion", "answer", "rewards": {name: value}}
-    evals: dict[str, Eval] = field(default_factory=dict)  # "before" / "after"
+    evals: dict[str, Eval] = field(default_factory=dict)  # "before" / "cold start" / "after"
+    sft_metrics: list[dict] = field(default_factory=list)  # the cold start's metrics.jsonl (output_dir/sft)
 
 
 def report_command(argv: list[str]) -> int:
@@ -65,12 +68,13 @@ def report_command(argv: list[str]) -> int:
     parser.add_argument("--output", help="where to write the PNGs and report.html (default: RUN_DIR/report)")
     parser.add_argument("--before", help="eval folder of the base model (default: RUN_DIR/eval/base when present)")
     parser.add_argument("--after", help="eval folder of the trained model (default: RUN_DIR/eval/final when present)")
+    parser.add_argument("--sft", help="eval folder of the cold-start checkpoint (default: RUN_DIR/eval/sft when present)")
     parser.add_argument("--max_samples", type=int, default=40,
                         help="show at most this many training completions and this many evaluated problems")
     args = parser.parse_args(argv)
     if args.max_samples < 0:
         raise UserError("--max_samples must be >= 0")
-    run = load_run(args.run_dir, args.before, args.after)
+    run = load_run(args.run_dir, args.before, args.after, args.sft)
     out = Path(args.output) if args.output else run.folder / "report"
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(run, out)
@@ -81,7 +85,7 @@ def report_command(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def load_run(run_dir: str | Path, before: str | None = None, after: str | None = None) -> Run:
+def load_run(run_dir: str | Path, before: str | None = None, after: str | None = None, sft: str | None = None) -> Run:
     """Everything the report shows, read and checked (bad input raises ``UserError`` naming the file)."""
     folder = Path(run_dir)
     if not folder.is_dir():
@@ -99,7 +103,10 @@ def load_run(run_dir: str | Path, before: str | None = None, after: str | None =
         if not isinstance(config, dict):
             raise UserError(f"{folder / CONFIG_FILE}: expected a mapping of settings")
     run = Run(folder, read_jsonl(folder / METRICS_FILE), config, load_completions(folder, config))
-    for side, given, default in (("before", before, "eval/base"), ("after", after, "eval/final")):
+    if (folder / "sft" / METRICS_FILE).is_file():
+        run.sft_metrics = read_jsonl(folder / "sft" / METRICS_FILE)
+    for side, given, default in (("before", before, "eval/base"), ("cold start", sft, "eval/sft"),
+                                 ("after", after, "eval/final")):
         path = Path(given) if given else folder / default
         if given or (path / RESULTS_FILE).is_file():
             run.evals[side] = load_eval(path)
@@ -184,7 +191,12 @@ def write_plots(run: Run, out: Path) -> list[tuple[str, Path]]:
          _lines({"mean": series(m, "completions/mean_length"),
                  "mean (terminated)": series(m, "completions/mean_terminated_length")}, "tokens",
                 band=_range(m, "completions/min_length", "completions/max_length"))),
+        ("Groups whose completions all scored the same (no GRPO signal)", "zero_std.png",
+         _lines({"frac_reward_zero_std": series(m, "frac_reward_zero_std")}, "fraction of groups", ylim=(0, 1))),
         ("KL to the reference model", "kl.png", _lines({"kl": series(m, "kl")}, "KL")),
+        ("Cold start (SFT) on formatted solutions", "sft.png",
+         _lines({"loss": series(run.sft_metrics, "loss"),
+                 "token accuracy": series(run.sft_metrics, "mean_token_accuracy")}, "loss / accuracy")),
         ("In-training evaluation", "eval_accuracy.png", _lines(evals, "rate", ylim=(0, 1))),
         ("Before / after (95% CI)", "before_after.png", _before_after(run.evals)),
     ]

@@ -36,6 +36,7 @@ from .models import apply_template, load_tokenizer, load_weights, resolve_model
 from .rewards import get_reward_funcs
 
 CONFIG_FILE = "grpo_math_config.yaml"
+SFT_DIR = "sft"
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "run_info.json"
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model(model_args.model_name_or_path)
     tokenizer = load_tokenizer(path)
     dataset = load_train_data(script, tokenizer, args.max_prompt_length)  # bad data fails before the model loads
+    if script.sft_examples:
+        path = cold_start(script, args, model_args, path, tokenizer)
     model = load_weights(path, model_args.dtype or "float32")  # fp32 master weights; mixed precision from bf16
     trainer = build_trainer(script, args, model_args, model, tokenizer, dataset)
     write_run_info(trainer)
@@ -54,6 +57,64 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.accelerator.is_main_process:
         print(f"checkpoint: {args.output_dir}")
     return 0
+
+
+def sft_command(argv: list[str]) -> int:
+    """``grpo-math sft``: only the cold-start stage of a recipe (same flags as ``train``), into ``output_dir/sft``."""
+    script, args, model_args = parse_train_args(argv, prog="grpo-math sft")
+    if not script.sft_examples:
+        raise UserError("set --sft_examples N (training solutions to fine-tune on)")
+    path = resolve_model(model_args.model_name_or_path)
+    print(f"checkpoint: {cold_start(script, args, model_args, path, load_tokenizer(path))}")
+    return 0
+
+
+def cold_start(script: ScriptConfig, args: GRPOMathConfig, model_args, path: str, tokenizer) -> str:
+    """Stage 1, DeepSeek-R1's cold start: TRL's ``SFTTrainer`` on the first ``sft_examples`` training solutions
+    rewritten into the asked format (loss on the completion only). Returns ``output_dir/sft``, the folder GRPO
+    starts from; it is trained under ``.sft-staging`` and renamed when complete, and reused when present."""
+    from trl import SFTConfig, SFTTrainer
+
+    final = Path(args.output_dir) / SFT_DIR
+    if (final / CONFIG_FILE).is_file():
+        return str(final)
+    staging = Path(args.output_dir) / ".sft-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    sft_args = SFTConfig(
+        output_dir=str(staging), num_train_epochs=script.sft_epochs, learning_rate=script.sft_learning_rate,
+        per_device_train_batch_size=script.sft_batch_size, lr_scheduler_type="linear", warmup_steps=0.05,
+        max_length=args.max_prompt_length + args.max_completion_length, train_sampling_strategy="group_by_length",
+        logging_steps=args.logging_steps, save_strategy="no", report_to=[], bf16=args.bf16, use_cpu=args.use_cpu,
+        seed=args.seed, activation_checkpointing=args.activation_checkpointing, dataset_num_proc=None)
+    trainer = SFTTrainer(model=load_weights(path, model_args.dtype or "float32"), args=sft_args,
+                         train_dataset=sft_data(script, tokenizer), processing_class=tokenizer,
+                         callbacks=[BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile()])
+    run_training(trainer, None)
+    trainer.save_model(str(staging))
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        write_config(staging, to_dict(script, model_args, args))  # written last: marks the folder complete
+        staging.rename(final)
+    trainer.accelerator.wait_for_everyone()
+    return str(final)
+
+
+def sft_data(script: ScriptConfig, tokenizer):
+    """Prompt-completion rows for the cold start: the GRPO prompt, and the reference solution in the asked format."""
+    from datasets import Dataset
+
+    from .data import build_prompt, format_solution, load_problems
+
+    rows = []
+    for p in load_problems(script.dataset_name, script.dataset_train_split, script.sft_examples,
+                           script.dataset_shuffle_seed, script.skip_bad_rows):
+        prompt = build_prompt(p.question, script.answer_format, script.system_prompt)
+        target = format_solution(p.solution, p.answer, script.answer_format, script.sft_keep_annotations)
+        if getattr(tokenizer, "chat_template", None):
+            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": target}]})
+        else:
+            rows.append({"prompt": render_plain(prompt), "completion": target})
+    return Dataset.from_list(rows)
 
 
 def write_run_info(trainer) -> dict:
@@ -124,7 +185,7 @@ def load_train_data(script: ScriptConfig, tokenizer, max_prompt_length: int):
     """Training problems as prompts; plain-text prompts when the tokenizer has no chat template."""
     dataset = load_gsm8k(script.dataset_name, script.dataset_train_split, script.dataset_limit,
                          script.dataset_shuffle_seed, script.answer_format, script.system_prompt,
-                         script.num_few_shot, script.skip_bad_rows)
+                         script.num_few_shot, script.skip_bad_rows, skip=script.sft_examples)
     if not getattr(tokenizer, "chat_template", None):
         dataset = dataset.map(lambda row: {"prompt": render_plain(row["prompt"])})
     check_prompt_lengths(dataset, tokenizer, max_prompt_length)
