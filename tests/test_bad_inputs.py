@@ -111,6 +111,12 @@ CASES = [
      ["dataset '{tmp}/empty_data' split 'train' has no usable rows"], True, None),
     ("every row bad, skipped", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/all_bad",
                                 "--skip_bad_rows"], ["has no usable rows (all 1 skipped as bad)"], True, None),
+    # -- cold start --
+    ("sft without examples", ["sft"], ["set --sft_examples N"], False, None),
+    ("negative sft_examples", ["train", "--sft_examples", "-4"], ["sft_examples must be >= 0"], False, None),
+    ("cold start uses every problem", ["train", "--model_name_or_path", "{model}", "--dataset_name", "builtin",
+                                       "--sft_examples", "500"],
+     ["has 60 problems, all used by the cold start (sft_examples=500)"], True, None),
     # -- recipes (YAML) --
     ("YAML: text for a float", ["train", "--config", "{tmp}/wrong_float.yaml"], ["learning_rate", "'fast'"], False, None),
     ("YAML: text for a bool", ["train", "--config", "{tmp}/wrong_bool.yaml"], ["bf16", "maybe"], False, None),

@@ -165,3 +165,14 @@ def test_sft_command_needs_examples(capsys):
 
     assert main(["sft", "--config", "recipes/smoke.yaml"]) == 2
     assert "set --sft_examples N" in capsys.readouterr().err
+
+
+def test_signal_watch_warns_once_after_a_streak_without_variance(caplog):
+    from grpo_math.train import SignalWatch
+
+    watch, state = SignalWatch(patience=3), TrainerState(global_step=0)
+    for step, frac in enumerate([1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0], start=1):
+        state.global_step = step
+        watch.on_log(None, state, TrainerControl(), logs={"frac_reward_zero_std": frac})
+    warnings = [r.getMessage() for r in caplog.records if "no reward variance" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("step 6:") and "--sft_examples" in warnings[0]

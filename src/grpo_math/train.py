@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,6 +40,7 @@ CONFIG_FILE = "grpo_math_config.yaml"
 SFT_DIR = "sft"
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "run_info.json"
+logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +216,27 @@ class MetricsFile(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+class SignalWatch(TrainerCallback):
+    """Warns once when GRPO has had no signal for ``patience`` logged steps in a row: every group's completions
+    scored the same (TRL's ``frac_reward_zero_std`` >= ``threshold``), so every advantage, and the update, is 0."""
+
+    def __init__(self, patience: int = 5, threshold: float = 0.95):
+        self.patience, self.threshold, self.streak, self.warned = patience, threshold, 0, False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        frac = (logs or {}).get("frac_reward_zero_std")
+        if frac is None:
+            return
+        self.streak = self.streak + 1 if frac >= self.threshold else 0
+        if self.streak >= self.patience and not self.warned:
+            self.warned = True
+            logger.warning(
+                "step %d: for %d logged steps, %.0f%%+ of groups had no reward variance, so GRPO learned nothing: "
+                "add a cold start (--sft_examples), few-shot prompts (--num_few_shot), a softer reward "
+                "(format_soft, steps), a higher --temperature or a larger --num_generations",
+                state.global_step, self.streak, 100 * self.threshold)
+
+
 class BadStepGuard(TrainerCallback):
     """Stops (or skips) steps with non-finite gradients and logs whose loss / grad norm explode.
 
@@ -298,7 +321,7 @@ def build_trainer(script: ScriptConfig, args: GRPOMathConfig, model_args, model,
     """TRL's GRPOTrainer with our reward functions (each logged as ``rewards/<name>/mean``)."""
     from trl import get_peft_config
 
-    callbacks = [BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile()]
+    callbacks = [BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile(), SignalWatch()]
     if args.eval_limit:
         callbacks.insert(0, accuracy_callback(script, args))
     trainer = trainer_class()(
