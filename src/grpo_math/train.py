@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -208,12 +209,19 @@ def check_prompt_lengths(dataset, tokenizer, max_prompt_length: int) -> int:
 
 
 class MetricsFile(TrainerCallback):
-    """Appends every log line to ``metrics.jsonl`` as ``{"step": N, ...}``."""
+    """Appends every log line to ``metrics.jsonl`` as ``{"step": N, ..., "elapsed_s": seconds since this process
+    started training}`` (so seconds per step can be read off a run)."""
+
+    start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
+            elapsed = round(time.monotonic() - self.start, 1) if self.start is not None else None
             with open(Path(args.output_dir) / METRICS_FILE, "a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                f.write(json.dumps({"step": state.global_step, **logs, "elapsed_s": elapsed}) + "\n")
 
 
 class SignalWatch(TrainerCallback):
