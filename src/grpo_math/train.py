@@ -103,21 +103,20 @@ def cold_start(script: ScriptConfig, args: GRPOMathConfig, model_args, path: str
 
 
 def sft_data(script: ScriptConfig, tokenizer):
-    """Prompt-completion rows for the cold start: the GRPO prompt, and the reference solution in the asked format."""
-    from datasets import Dataset
+    """Prompt-completion rows for the cold start: the GRPO prompt (``load_gsm8k``), and the reference solution in
+    the asked format."""
+    from .data import format_solution
 
-    from .data import build_prompt, format_solution, load_problems
+    dataset = load_gsm8k(script.dataset_name, script.dataset_train_split, script.sft_examples,
+                         script.dataset_shuffle_seed, script.answer_format, script.system_prompt,
+                         script.num_few_shot, script.skip_bad_rows)
+    chat = bool(getattr(tokenizer, "chat_template", None))
 
-    rows = []
-    for p in load_problems(script.dataset_name, script.dataset_train_split, script.sft_examples,
-                           script.dataset_shuffle_seed, script.skip_bad_rows):
-        prompt = build_prompt(p.question, script.answer_format, script.system_prompt)
-        target = format_solution(p.solution, p.answer, script.answer_format, script.sft_keep_annotations)
-        if getattr(tokenizer, "chat_template", None):
-            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": target}]})
-        else:
-            rows.append({"prompt": render_plain(prompt), "completion": target})
-    return Dataset.from_list(rows)
+    def completion(row):
+        target = format_solution(row["solution"], row["answer"], script.answer_format, script.sft_keep_annotations)
+        return {"completion": [{"role": "assistant", "content": target}] if chat else target}
+
+    return plain_prompts(dataset.map(completion), tokenizer).select_columns(["prompt", "completion"])
 
 
 def write_run_info(trainer) -> dict:
@@ -189,10 +188,16 @@ def load_train_data(script: ScriptConfig, tokenizer, max_prompt_length: int):
     dataset = load_gsm8k(script.dataset_name, script.dataset_train_split, script.dataset_limit,
                          script.dataset_shuffle_seed, script.answer_format, script.system_prompt,
                          script.num_few_shot, script.skip_bad_rows, skip=script.sft_examples)
-    if not getattr(tokenizer, "chat_template", None):
-        dataset = dataset.map(lambda row: {"prompt": render_plain(row["prompt"])})
+    dataset = plain_prompts(dataset, tokenizer)
     check_prompt_lengths(dataset, tokenizer, max_prompt_length)
     return dataset
+
+
+def plain_prompts(dataset, tokenizer):
+    """Chat prompts as plain text when the tokenizer has no chat template (unchanged otherwise)."""
+    if getattr(tokenizer, "chat_template", None):
+        return dataset
+    return dataset.map(lambda row: {"prompt": render_plain(row["prompt"])})
 
 
 def check_prompt_lengths(dataset, tokenizer, max_prompt_length: int) -> int:
