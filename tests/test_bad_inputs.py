@@ -106,7 +106,7 @@ CASES = [
      ["nonnumeric/train.jsonl:1: field 'answer'", "not followed by a plain number: 'seven'", "--skip_bad_rows"], True, None),
     ("line that is not a JSON object", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/array_line"],
      ["array_line/train.jsonl:1: expected a JSON object"], True, None),
-    ("dataset_limit 0", ["train", "--dataset_limit", "0"], ["dataset_limit > 0"], False, None),
+    ("dataset_limit 0", ["train", "--dataset_limit", "0"], ["dataset_limit must be > 0"], False, None),
     ("empty dataset", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/empty_data"],
      ["dataset '{tmp}/empty_data' split 'train' has no usable rows"], True, None),
     ("every row bad, skipped", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/all_bad",

@@ -6,19 +6,53 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from grpo_math.cli import COMMANDS, main
-from grpo_math.config import parse_train_args
+from grpo_math.config import GRPOMathConfig, cpu_and_bf16, parse_train_args
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_every_recipe_loads(recipe):
+def test_every_recipe_loads_on_every_cpu(recipe, cpu_kind):
     script, grpo, model = parse_train_args(["--config", str(recipe)])
     assert model.model_name_or_path and grpo.output_dir
     assert len(grpo.reward_weights) == len(script.reward_funcs)
     assert (grpo.per_device_train_batch_size * grpo.gradient_accumulation_steps) % grpo.num_generations == 0
+    assert grpo.use_cpu and grpo.bf16 == (cpu_kind == "cpu-bf16")  # without a GPU: always use_cpu, bf16 where native
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch believes a bf16-capable CUDA GPU is present (enough to build configs, not to run on it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_on_a_gpu(recipe, fake_gpu, cpu_fp32):
+    _, grpo, _ = parse_train_args(["--config", str(recipe)])
+    assert not grpo.use_cpu and grpo.bf16  # bf16 from the GPU, not from the CPU's flags
+
+
+@pytest.mark.parametrize("use_cpu,bf16,expected", [
+    (False, None, (True, False)), (False, True, (True, True)), (True, False, (True, False))])
+def test_cpu_and_bf16_is_consistent_without_a_gpu(use_cpu, bf16, expected, cpu_fp32):
+    assert cpu_and_bf16(use_cpu, bf16) == expected
+
+
+def test_explicit_bf16_off_wins_over_native_bf16(cpu_bf16):
+    _, grpo, _ = parse_train_args(["--config", "recipes/smoke.yaml", "--bf16", "false"])
+    assert grpo.use_cpu and grpo.bf16 is False
+
+
+def test_bad_cpu_bf16_override_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("GRPO_MATH_CPU_BF16", "yes")
+    code, err = run_cli(["train", "--config", "recipes/smoke.yaml"], capsys)
+    assert code == 2 and "$GRPO_MATH_CPU_BF16 must be 1 or 0, not 'yes'" in err
 
 
 def test_flags_override_recipe():
@@ -65,7 +99,11 @@ def test_malformed_and_mistyped_yaml(tmp_path, capsys):
     assert code == 2 and "max_stepz" in err
 
 
-def test_score_command_uses_recipe_rewards(tmp_path, capsys):
+def test_score_command_uses_recipe_rewards(tmp_path, capsys, cpu_kind, monkeypatch):
+    def no_trainer_config(self):
+        raise AssertionError("score built the trainer's config")
+
+    monkeypatch.setattr(GRPOMathConfig, "__post_init__", no_trainer_config)
     lines = [
         {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "7",
          "completion": "<think>\n3 + 4 = 7\n</think>\n<answer>7</answer>"},

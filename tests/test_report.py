@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import require
 from PIL import Image
 
 from grpo_math import UserError
@@ -98,8 +99,8 @@ def console_messages(log: str) -> list[str]:
     return [line for line in log.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")
 def test_report_renders_in_chromium(report, tmp_path):
+    require(shutil.which("chromium") is not None, "Debian's chromium package (.ci/run installs it)")
     planted = tmp_path / "planted.html"  # the check below must be able to fail
     planted.write_text("<!DOCTYPE html><body><script>console.error('planted'); nowhere();</script></body>")
     assert len(console_messages(chromium(planted, tmp_path)[1])) == 2

@@ -1,11 +1,14 @@
 """Tiny-model tier: GRPO-train the embedded SmolLM2-135M for 2 steps, killed with SIGKILL after the first
-checkpoint and resumed; then check the weights changed, reload and generate. Also the two-stage path: one cold
-start (SFT) step, then one GRPO step from its checkpoint.
+checkpoint and resumed; then check the weights changed, reload and generate, and that the console said only what
+matters. Also the two-stage path: one cold start (SFT) step, then one GRPO step from its checkpoint.
 
+Both dtype branches run on every machine: the kill/resume run as on an AVX2-only CPU (fp32), the two-stage run and
+``ask`` as on a CPU with native bf16 (``$GRPO_MATH_CPU_BF16``; emulated, so slower, where the CPU lacks it).
 About 5 minutes on 2 CPU cores (the first run also converts the GGUF once, ~35 s).
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,30 +17,36 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from grpo_math.cli import main
 from grpo_math.models import generate, load_model
 
 TINY = ["--config", "recipes/smoke.yaml", "--max_completion_length", "32", "--save_steps", "1", "--logging_steps", "1"]
+FP32 = {**os.environ, "GRPO_MATH_CPU_BF16": "0"}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, embedded_model):
-    """2 steps with a checkpoint per step: `kill -9` once checkpoint-1 is in place, then `--resume`."""
+    """2 steps with a checkpoint per step: `kill -9` once checkpoint-1 is in place, then `--resume`; each process's
+    stdout + stderr is kept in console-N.txt."""
     out = tmp_path_factory.mktemp("smoke") / "run"
-    args = [*TINY, "--max_steps", "2", "--output_dir", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "grpo_math", "train", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 900
-    while not (out / "checkpoint-1" / "grpo_math_config.yaml").is_file():
-        assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "no checkpoint-1 after 15 minutes"
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = [sys.executable, "-m", "grpo_math", "train", *TINY, "--max_steps", "2", "--output_dir", str(out)]
+    console = out.parent / "console-1.txt"
+    with open(console, "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, env=FP32)
+        deadline = time.time() + 900
+        while not (out / "checkpoint-1" / "grpo_math_config.yaml").is_file():
+            assert proc.poll() is None, f"training exited early: {console.read_text()[-2000:]}"
+            assert time.time() < deadline, "no checkpoint-1 after 15 minutes"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert not (out / "model.safetensors").exists() and steps(out) == [1]
-    assert main(["train", *args, "--resume"]) == 0
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=FP32, timeout=900)
+    (out.parent / "console-2.txt").write_text(resumed.stdout + resumed.stderr)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     return out
 
 
@@ -64,7 +73,28 @@ def test_checkpoints_hold_model_tokenizer_optimizer_and_config(run):
     assert (run / "grpo_math_config.yaml").is_file() and list((run / "completions").glob("*.parquet"))
 
 
-def test_checkpoint_reloads_and_generates(run, capsys):
+def test_ran_in_fp32_where_forced(run):
+    config = yaml.safe_load((run / "grpo_math_config.yaml").read_text())
+    info = json.loads((run / "run_info.json").read_text())
+    assert config["bf16"] is False and config["use_cpu"] is True and info["mixed_precision"] == "no"
+
+
+def test_console_is_a_bar_and_one_line_per_step(run):
+    """The resumed run (1 step): a header, one short line for step 2, the time, the checkpoint; no log dicts,
+    completion tables, upstream warnings or library progress bars."""
+    text = (run.parent / "console-2.txt").read_text()
+    lines = [line for line in text.replace("\r", "\n").split("\n") if line.strip() and "step/s]" not in line
+             and "s/step]" not in line and "?step" not in line]  # tqdm's redraws of the one bar
+    assert len(text.split("\n")) < 20, text
+    assert [line for line in lines if line.startswith("step ")] == [next(l for l in lines if l.startswith("step 2/2"))]
+    assert lines[0].startswith("GRPO on 16 problems: 2 steps, 1 x cpu, fp32") and lines[-1] == f"checkpoint: {run}"
+    for noise in ("{'loss'", "Prompt", "Warning", "Writing model shards", "Traceback", "Loading"):
+        assert noise not in text, noise
+    killed = (run.parent / "console-1.txt").read_text()
+    assert "step 1/2  reward" in killed and len(killed.split("\n")) < 20, killed
+
+
+def test_checkpoint_reloads_and_generates(run, capsys, cpu_bf16):
     model, tokenizer, _ = load_model(str(run), dtype="float32")
     [[out]] = generate(model, tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}]], max_new_tokens=8)
     assert out["tokens"] > 0 and isinstance(out["text"], str)
@@ -78,10 +108,10 @@ def test_resume_after_kill_continues_without_gap_or_duplicate(run):
     assert state["global_step"] == 2 and [log["step"] for log in state["log_history"] if "loss" in log] == [1, 2]
 
 
-def test_cold_start_then_grpo_from_its_checkpoint(tmp_path, embedded_model):
+def test_cold_start_then_grpo_from_its_checkpoint_in_bf16_with_tensorboard(tmp_path, embedded_model, cpu_bf16):
     out = tmp_path / "two-stage"
     args = [*TINY, "--num_few_shot", "0", "--sft_examples", "4", "--sft_batch_size", "2", "--max_steps", "1",
-            "--max_completion_length", "16", "--output_dir", str(out)]
+            "--max_completion_length", "16", "--output_dir", str(out), "--report_to", "tensorboard"]
     assert main(["train", *args]) == 0
     sft = out / "sft"
     assert (sft / "grpo_math_config.yaml").is_file() and not (out / ".sft-staging").exists()
@@ -94,6 +124,9 @@ def test_cold_start_then_grpo_from_its_checkpoint(tmp_path, embedded_model):
 
     assert distance(final, cold) < distance(final, base) / 10  # GRPO started from the cold-start weights
     assert steps(out) == [1]
+    assert json.loads((out / "run_info.json").read_text())["mixed_precision"] == "bf16"
+    assert yaml.safe_load((sft / "grpo_math_config.yaml").read_text())["bf16"] is True
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "no TensorBoard event file (TRL/transformers' integration)"
 
 
 @pytest.mark.slow

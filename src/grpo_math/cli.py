@@ -83,16 +83,16 @@ def ask(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .answers import extract_flexible, extract_strict
     from .data import build_prompt, load_problems
-    from .evaluate import prompt_settings
+    from .config import PromptSettings
     from .models import generate, load_model
 
-    prompt = prompt_settings(args.config, args.model)  # the recipe's, else those saved with a trained model
-    shots = load_problems("builtin")[: prompt["num_few_shot"]] if prompt["num_few_shot"] else []
+    prompt = PromptSettings.load(args.config, args.model)  # the recipe's, else those saved with a trained model
+    shots = load_problems("builtin")[: prompt.num_few_shot] if prompt.num_few_shot else []
     model, tokenizer, _ = load_model(args.model)
-    messages = build_prompt(args.question, prompt["answer_format"], prompt["system_prompt"], shots)
+    messages = build_prompt(args.question, prompt.answer_format, prompt.system_prompt, shots)
     [[out]] = generate(model, tokenizer, [messages], args.max_new_tokens, args.temperature)
     print(out["text"])
-    print(f"\nanswer (strict, {prompt['answer_format']}): {extract_strict(out['text'], prompt['answer_format'])}")
+    print(f"\nanswer (strict, {prompt.answer_format}): {extract_strict(out['text'], prompt.answer_format)}")
     print(f"answer (flexible): {extract_flexible(out['text'])}")
     return 0
 
@@ -103,18 +103,18 @@ def score(argv: list[str]) -> int:
     parser.add_argument("--input", required=True, help="JSONL file ('-' for stdin)")
     parser.add_argument("--config", help="recipe whose reward_funcs/reward_weights/answer_format to use")
     args = parser.parse_args(argv)
-    from .config import parse_train_args
+    from .config import PromptSettings
     from .data import read_jsonl
     from .rewards import score_rows
 
-    script, grpo, _ = parse_train_args(["--config", args.config] if args.config else [])
+    settings = PromptSettings.load(args.config, None)
     rows = []
     for row, where in read_jsonl("/dev/stdin" if args.input == "-" else args.input):
         missing = [k for k in ("question", "answer", "completion") if not isinstance(row.get(k), str)]
         if missing:
             raise UserError(f"{where}: field '{missing[0]}' is missing or not a string")
         rows.append(row)
-    for result in score_rows(rows, script.reward_funcs, grpo.reward_weights, script.answer_format):
+    for result in score_rows(rows, settings.reward_funcs, settings.reward_weights, settings.answer_format):
         print(json.dumps(result))
     return 0
 

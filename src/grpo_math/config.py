@@ -17,31 +17,127 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch
 import yaml
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 from . import UserError
 from .answers import ANSWER_FORMATS
 from .data import SYSTEM_PROMPT
-from .models import torch_dtype
+from .models import accelerator_available, native_bf16
 from .rewards import PRESETS, REWARDS
+from .runfiles import CONFIG_FILE
 
 
 @dataclass
-class ScriptConfig(ScriptArguments):
+class PromptConfig:
+    """The prompt and the rewards: the settings train, eval, ask and score share (recipe keys of the same names)."""
+
+    answer_format: str = field(default="tags", metadata={"help": f"How the final answer is asked for: {', '.join(ANSWER_FORMATS)}."})
+    system_prompt: str | None = field(default=SYSTEM_PROMPT, metadata={"help": "System message ('' for none)."})
+    num_few_shot: int = field(default=0, metadata={"help": "Worked examples (from the builtin set) put before each question."})
+    reward_funcs: list[str] = field(default_factory=lambda: list(PRESETS["default"]), metadata={"help": f"Reward names: {', '.join(REWARDS)}."})
+    reward_preset: str | None = field(default=None, metadata={"help": f"Named reward set with weights: {', '.join(PRESETS)}; sets reward_funcs and reward_weights."})
+
+    def __post_init__(self):
+        if isinstance(self.reward_funcs, str):  # `reward_funcs: correct` in a recipe
+            self.reward_funcs = self.reward_funcs.split()
+        if self.answer_format not in ANSWER_FORMATS:
+            raise UserError(f"answer_format '{self.answer_format}' is unknown; valid: {', '.join(ANSWER_FORMATS)}")
+        if not isinstance(self.num_few_shot, int) or self.num_few_shot < 0:
+            raise UserError(f"num_few_shot must be an integer >= 0, not {self.num_few_shot!r}")
+        unknown = [name for name in self.reward_funcs if name not in REWARDS]
+        if unknown:
+            raise UserError(f"unknown reward '{unknown[0]}'; valid: {', '.join(REWARDS)}")
+        if self.reward_preset is not None and self.reward_preset not in PRESETS:
+            raise UserError(f"unknown reward_preset '{self.reward_preset}'; valid: {', '.join(PRESETS)}")
+        if self.reward_preset:
+            self.reward_funcs = list(PRESETS[self.reward_preset])
+        self.system_prompt = self.system_prompt or None
+
+    def reward_weights_for(self, weights: list[float] | None) -> list[float] | None:
+        """The weights that go with ``reward_funcs``: the preset's, the given ones, or the default preset's
+        for a subset of it (None = TRL's equal weights); a length mismatch is an error."""
+        if self.reward_preset:
+            weights = list(PRESETS[self.reward_preset].values())
+        elif weights is None and set(self.reward_funcs) <= set(PRESETS["default"]):
+            weights = [PRESETS["default"][name] for name in self.reward_funcs]
+        if weights is not None and len(weights) != len(self.reward_funcs):
+            raise UserError(f"reward_weights has {len(weights)} values but reward_funcs has {len(self.reward_funcs)}")
+        return weights
+
+
+@dataclass
+class PromptSettings(PromptConfig):
+    """What ``eval``, ``ask`` and ``score`` read: a recipe's prompt and reward keys, or those saved with a trained
+    model, and nothing of the trainer's settings (no ``TrainingArguments`` is built).
+
+    >>> s = PromptSettings.load(None, None)
+    >>> (s.answer_format, s.reward_funcs[0], s.reward_weights[0], s.source)
+    ('tags', 'correct', 1.0, 'defaults')
+    """
+
+    reward_weights: list[float] | None = None
+    source: str = "defaults"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.reward_weights = self.reward_weights_for(self.reward_weights)
+
+    @classmethod
+    def load(cls, recipe: str | None, model: str | None) -> PromptSettings:
+        """The recipe's settings (``--config``), else those saved with a trained model (its
+        ``grpo_math_config.yaml``), else the defaults."""
+        if recipe:
+            return cls.from_dict(read_recipe(recipe), recipe)
+        saved = Path(model).expanduser() / CONFIG_FILE if model else None
+        if saved is not None and saved.is_file():
+            config = read_recipe(str(saved))
+            return cls.from_dict({k: v for k, v in config.items() if k in SAVED_PROMPT_KEYS}, str(saved))
+        return cls()
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str) -> PromptSettings:
+        names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        return cls(**{k: v for k, v in config.items() if k in names}, source=source)
+
+    def as_dict(self) -> dict:
+        """The settings written into an evaluation's ``results.json``."""
+        return {key: getattr(self, key) for key in SAVED_PROMPT_KEYS}
+
+
+SAVED_PROMPT_KEYS = ("answer_format", "system_prompt", "num_few_shot", "reward_funcs", "reward_weights")
+
+
+def read_recipe(path: str) -> dict:
+    """A recipe (or saved config) as a dict; a missing file or invalid YAML is a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise UserError(f"recipe not found: {err.filename}") from None
+    except yaml.YAMLError as err:
+        raise UserError(yaml_error(err, path)) from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: a recipe is a mapping of setting names to values")
+    return config
+
+
+def yaml_error(err: yaml.YAMLError, path: str = "recipe") -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"{mark.name}:{mark.line + 1}" if mark else path
+    return f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})"
+
+
+@dataclass
+class ScriptConfig(PromptConfig, ScriptArguments):
     """Data, prompt and reward settings (TRL's ``dataset_name`` / ``dataset_*_split`` are inherited)."""
 
     dataset_name: str = field(default="builtin", metadata={"help": "'builtin', a hub id (openai/gsm8k) or a folder with train.jsonl/test.jsonl."})
     dataset_limit: int | None = field(default=None, metadata={"help": "Use only the first N training problems."})
     dataset_shuffle_seed: int | None = field(default=None, metadata={"help": "Shuffle problems with this seed before --dataset_limit."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip (and count) rows without a parseable gold answer instead of failing."})
-    answer_format: str = field(default="tags", metadata={"help": f"How the final answer is asked for: {', '.join(ANSWER_FORMATS)}."})
-    system_prompt: str | None = field(default=SYSTEM_PROMPT, metadata={"help": "System message ('' for none)."})
-    num_few_shot: int = field(default=0, metadata={"help": "Worked examples (from the builtin set) put before each question."})
-    reward_funcs: list[str] = field(default_factory=lambda: list(PRESETS["default"]), metadata={"help": f"Reward names: {', '.join(REWARDS)}."})
-    reward_preset: str | None = field(default=None, metadata={"help": f"Named reward set with weights: {', '.join(PRESETS)}; sets reward_funcs and reward_weights."})
     sft_examples: int = field(default=0, metadata={"help": "Cold start: SFT on the first N training solutions, rewritten into answer_format, before GRPO (which then uses the problems after them); 0 = no cold start."})
     sft_epochs: float = field(default=1.0, metadata={"help": "Cold start: epochs over the sft_examples."})
     sft_learning_rate: float = field(default=5e-5, metadata={"help": "Cold start: AdamW learning rate (linear decay)."})
@@ -49,20 +145,11 @@ class ScriptConfig(ScriptArguments):
     sft_keep_annotations: bool = field(default=False, metadata={"help": "Cold start: keep GSM8K's <<a*b=c>> calculator annotations in the solutions."})
 
     def __post_init__(self):
-        if isinstance(self.reward_funcs, str):  # `reward_funcs: correct` in a recipe
-            self.reward_funcs = self.reward_funcs.split()
-        if self.answer_format not in ANSWER_FORMATS:
-            raise UserError(f"answer_format '{self.answer_format}' is unknown; valid: {', '.join(ANSWER_FORMATS)}")
-        if self.num_few_shot < 0 or (self.dataset_limit is not None and self.dataset_limit <= 0):
-            raise UserError("num_few_shot must be >= 0 and dataset_limit > 0")
+        PromptConfig.__post_init__(self)
+        if self.dataset_limit is not None and self.dataset_limit <= 0:
+            raise UserError("dataset_limit must be > 0")
         if self.sft_examples < 0 or self.sft_epochs <= 0 or self.sft_learning_rate <= 0 or self.sft_batch_size < 1:
             raise UserError("sft_examples must be >= 0, sft_epochs and sft_learning_rate > 0, sft_batch_size >= 1")
-        unknown = [name for name in self.reward_funcs if name not in REWARDS]
-        if unknown:
-            raise UserError(f"unknown reward '{unknown[0]}'; valid: {', '.join(REWARDS)}")
-        if self.reward_preset is not None and self.reward_preset not in PRESETS:
-            raise UserError(f"unknown reward_preset '{self.reward_preset}'; valid: {', '.join(PRESETS)}")
-        self.system_prompt = self.system_prompt or None
 
 
 @dataclass
@@ -77,6 +164,7 @@ class GRPOMathConfig(GRPOConfig):
     max_completion_length: int | None = field(default=256, metadata={"help": "Maximum generated tokens per completion."})
     max_prompt_length: int = field(default=512, metadata={"help": "Longest prompt allowed, in tokens; longer prompts are an error, never silently truncated. GSM8K needs 288 (train) / 253 (test) with the default prompt and SmolLM2's tokenizer."})
     log_completions: bool = field(default=True, metadata={"help": "Write sampled completions with their reward parts to output_dir/completions/*.parquet (TRL)."})
+    num_completions_to_print: int | None = field(default=0, metadata={"help": "Completions printed as a table at each logged step (TRL, needs rich); 0 = none, None = all. They are always in completions/*.parquet."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every N steps."})
     activation_checkpointing: bool | None = field(default=False, metadata={"help": "Recompute activations in backward: less memory, more compute (recommended for >1B models on GPU)."})
@@ -89,11 +177,7 @@ class GRPOMathConfig(GRPOConfig):
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
 
     def __post_init__(self):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Several processes without a GPU (torchrun on CPU): accelerate only forms a gloo group with use_cpu.
-            self.use_cpu = self.use_cpu or not torch.cuda.is_available()
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = torch_dtype("auto") == torch.bfloat16
+        self.use_cpu, self.bf16 = cpu_and_bf16(self.use_cpu, self.bf16, self.fp16)
         self.check_batch_sizes()
         if self.on_bad_step not in ("stop", "skip"):
             raise UserError(f"on_bad_step must be 'stop' or 'skip', not '{self.on_bad_step}'")
@@ -133,6 +217,22 @@ class Parser(TrlParser):
         raise UserError(message)
 
 
+def cpu_and_bf16(use_cpu: bool, bf16: bool | None, fp16: bool = False) -> tuple[bool, bool]:
+    """The one place a run's device and precision are chosen: ``(use_cpu, bf16)``.
+
+    Without a GPU, ``use_cpu`` is always on: transformers refuses bf16 on a CPU without it, and accelerate only
+    forms a gloo process group (torchrun on CPU) with it. ``bf16=None`` (the default) means bf16 where the
+    hardware runs it natively (``models.native_bf16``: a bf16 GPU, or a CPU with AVX512-BF16/AMX), else fp32.
+
+    >>> cpu_and_bf16(False, False)
+    (True, False)
+    """
+    use_cpu = use_cpu or not accelerator_available()
+    if bf16 is None:
+        bf16 = not fp16 and native_bf16(use_cpu)
+    return use_cpu, bf16
+
+
 def parse_train_args(argv: list[str] | None = None, prog: str = "grpo-math train") -> tuple[ScriptConfig, GRPOMathConfig, ModelConfig]:
     """Parse ``--config recipe.yaml`` plus flags into the three config dataclasses."""
     parser = Parser((ScriptConfig, GRPOMathConfig, ModelConfig), prog=prog)
@@ -141,9 +241,7 @@ def parse_train_args(argv: list[str] | None = None, prog: str = "grpo-math train
     except FileNotFoundError as err:
         raise UserError(f"recipe not found: {err.filename}") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{mark.name}:{mark.line + 1}" if mark else "recipe"
-        raise UserError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+        raise UserError(yaml_error(err)) from None
     except ValueError as err:  # unknown keys in a recipe or flags, wrong types
         message = str(err).splitlines()[0]
         unknown = re.search(r"(?:not used by the HfArgumentParser|Unknown arguments from config file): (\[.*?\])", message)
@@ -151,13 +249,7 @@ def parse_train_args(argv: list[str] | None = None, prog: str = "grpo-math train
             where = "recipe key" if "config file" in message else "flag"
             message = f"unknown {where}(s) {unknown.group(1)}; see grpo-math train --help for valid names"
         raise UserError(message) from None
-    if script.reward_preset:
-        script.reward_funcs = list(PRESETS[script.reward_preset])
-        grpo.reward_weights = list(PRESETS[script.reward_preset].values())
-    elif grpo.reward_weights is None and set(script.reward_funcs) <= set(PRESETS["default"]):
-        grpo.reward_weights = [PRESETS["default"][name] for name in script.reward_funcs]
-    if grpo.reward_weights is not None and len(grpo.reward_weights) != len(script.reward_funcs):
-        raise UserError(f"reward_weights has {len(grpo.reward_weights)} values but reward_funcs has {len(script.reward_funcs)}")
+    grpo.reward_weights = script.reward_weights_for(grpo.reward_weights)
     return script, grpo, model
 
 

@@ -50,11 +50,9 @@ from pathlib import Path
 from . import UserError, __version__
 from .answers import answers_match, extract_flexible, extract_strict, parse_number
 from .data import SYSTEM_PROMPT, build_prompt, load_problems
+from .runfiles import COMPARE_FILE, CONFIG_FILE, RESULTS_FILE, SAMPLES_FILE
 
 EVAL_VERSION = 1  # bump when prompts, extraction or metric definitions change
-RESULTS_FILE, SAMPLES_FILE, COMPARE_FILE = "results.json", "samples.jsonl", "compare.json"
-TRAINING_CONFIG_FILE = "grpo_math_config.yaml"  # written by train.py next to every checkpoint
-PROMPT_KEYS = ("answer_format", "system_prompt", "num_few_shot", "reward_funcs", "reward_weights")
 ALPHA = 0.05
 
 # lm-evaluation-harness lm_eval/tasks/gsm8k/gsm8k.yaml (version 3.0): filters, exact_match settings, stop sequences.
@@ -402,11 +400,13 @@ def _eval_parser():
 
 def eval_command(argv: list[str]) -> int:
     """``grpo-math eval``: evaluate one model (or a base and a trained one), write and print the results."""
+    from .config import PromptSettings, read_recipe  # the config module imports TRL: slow, and compare needs none of it
+
     args = _eval_parser().parse_args(argv)
     _check_eval_args(args)
     rank, _, _ = _init_distributed()
     trained = args.before_after
-    prompt = prompt_settings(args.config, trained or args.model)
+    prompt = PromptSettings.load(args.config, trained or args.model)
     problems = load_problems(args.dataset_name, args.split, args.limit, None, args.skip_bad_rows)
     data = {"dataset_name": args.dataset_name, "split": args.split, "limit": args.limit, "num_problems": len(problems),
             "skipped_rows": getattr(load_problems, "skipped", 0), "problems_sha1": problems_sha1(problems)}
@@ -418,9 +418,10 @@ def eval_command(argv: list[str]) -> int:
             print(format_results(results))
             print(f"\nwrote {output / RESULTS_FILE} and {output / SAMPLES_FILE}")
         return 0
-    base = args.model or _saved_config(trained).get("model_name_or_path")
+    saved = Path(trained) / CONFIG_FILE
+    base = args.model or (read_recipe(str(saved)).get("model_name_or_path") if saved.is_file() else None)
     if not base:
-        raise UserError(f"--before-after {trained}: give the base model with --model (no {TRAINING_CONFIG_FILE} "
+        raise UserError(f"--before-after {trained}: give the base model with --model (no {CONFIG_FILE} "
                         f"with model_name_or_path in {trained})")
     output = Path(args.output or Path("runs") / "eval" / f"{slug(trained)}-before-after")
     for name, folder in ((base, "base"), (trained, "final")):
@@ -462,42 +463,9 @@ def _init_distributed():
     return _distributed()
 
 
-def prompt_settings(config: str | None, model: str | None) -> dict:
-    """Prompt and reward settings: the recipe's (``--config``), else those saved with a trained model
-    (its ``grpo_math_config.yaml``), else the defaults; validated by the training config classes."""
-    import tempfile
-
-    import yaml
-
-    from .config import parse_train_args
-
-    saved = {k: v for k, v in _saved_config(model).items() if k in PROMPT_KEYS} if model and not config else {}
-    source = config or (str(Path(model) / TRAINING_CONFIG_FILE) if saved else "defaults")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as recipe:
-        if saved:
-            yaml.safe_dump(saved, recipe)
-            recipe.flush()
-            config = recipe.name
-        script, grpo, _ = parse_train_args(["--config", config] if config else [])
-    return {"answer_format": script.answer_format, "system_prompt": script.system_prompt,
-            "num_few_shot": script.num_few_shot, "reward_funcs": list(script.reward_funcs),
-            "reward_weights": grpo.reward_weights, "source": source}
-
-
-def _saved_config(model: str) -> dict:
-    import yaml
-
-    path = Path(model).expanduser() / TRAINING_CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"cannot read {path}: {err}") from None
-
-
-def run_eval(model_name: str, problems, data: dict, prompt: dict, args, output: Path) -> dict:
-    """Load ``model_name``, evaluate it on ``problems`` and (rank 0) write ``output``; return the results."""
+def run_eval(model_name: str, problems, data: dict, prompt, args, output: Path) -> dict:
+    """Load ``model_name``, evaluate it on ``problems`` with ``prompt`` (``config.PromptSettings``) and (rank 0)
+    write ``output``; return the results."""
     import os
 
     import torch
@@ -510,10 +478,11 @@ def run_eval(model_name: str, problems, data: dict, prompt: dict, args, output: 
     torch.manual_seed(args.seed + rank)
     start = time.perf_counter()
     metrics, records = evaluate_model(
-        model, tokenizer, problems, prompt["answer_format"], prompt["system_prompt"], prompt["num_few_shot"],
-        args.samples, args.temperature, args.max_new_tokens, args.batch_size, prompt["reward_funcs"],
-        prompt["reward_weights"], args.top_p, progress=True)
+        model, tokenizer, problems, prompt.answer_format, prompt.system_prompt, prompt.num_few_shot,
+        args.samples, args.temperature, args.max_new_tokens, args.batch_size, prompt.reward_funcs,
+        prompt.reward_weights, args.top_p, progress=True)
     seconds = time.perf_counter() - start
+    dtype = str(model.dtype).removeprefix("torch.")
     del model  # before-after loads the second model next
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -526,16 +495,17 @@ def run_eval(model_name: str, problems, data: dict, prompt: dict, args, output: 
         "model": model_name,
         "model_path": str(path),
         "data": data,
-        "settings": {"eval_version": EVAL_VERSION, **{k: prompt[k] for k in PROMPT_KEYS},
-                     "prompt_settings_from": prompt["source"], "samples": args.samples,
+        "settings": {"eval_version": EVAL_VERSION, **prompt.as_dict(),
+                     "prompt_settings_from": prompt.source, "samples": args.samples,
                      "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                      "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype,
-                     "extraction": {"strict": f"answers.extract_strict(answer_format={prompt['answer_format']!r})",
+                     "extraction": {"strict": f"answers.extract_strict(answer_format={prompt.answer_format!r})",
                                     "flexible": "answers.extract_flexible (last number)",
                                     "lm_eval_strict": LM_EVAL_REGEX["strict"].pattern + " (first match)",
                                     "lm_eval_flexible": LM_EVAL_REGEX["flexible"].pattern + " (last match)"}},
         "versions": versions(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dtype": dtype,
         "world_size": world,
         "seconds": round(seconds, 2),
         "generated_tokens": tokens,

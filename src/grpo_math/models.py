@@ -147,8 +147,19 @@ def load_weights(path: str, dtype: str = "auto"):
         raise UserError(f"cannot load model {path}: {str(err).splitlines()[0]}") from None
 
 
+CPU_BF16_ENV = "GRPO_MATH_CPU_BF16"  # "1" / "0" overrides the CPU's bf16 detection (tests force each branch)
+
+
 def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX), where bf16 is ~2.5x faster than fp32."""
+    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX), where bf16 is ~2.5x faster than fp32.
+
+    ``$GRPO_MATH_CPU_BF16`` = 1 or 0 overrides the detection (on an AVX2 CPU bf16 is emulated: slower, still correct).
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise UserError(f"${CPU_BF16_ENV} must be 1 or 0, not '{forced}'")
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -156,13 +167,31 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU (CUDA/ROCm, XPU or Apple MPS); without one every command runs on the CPU."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def native_bf16(cpu: bool | None = None) -> bool:
+    """Whether bf16 runs natively where this process computes: a bf16-capable CUDA GPU, else the CPU's flags."""
+    import torch
+
+    if cpu is None:
+        cpu = not accelerator_available()
+    if not cpu and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16() if cpu else False
+
+
 def torch_dtype(name: str):
-    """Map a dtype name to a torch dtype; "auto" picks bf16 where the hardware runs it fast."""
+    """Map a dtype name to a torch dtype; "auto" picks bf16 where the hardware runs it natively (``native_bf16``)."""
     import torch
 
     if name == "auto":
-        fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported() or cpu_has_bf16()
-        return torch.bfloat16 if fast else torch.float32
+        return torch.bfloat16 if native_bf16() else torch.float32
     try:
         return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
                 "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]

@@ -31,9 +31,9 @@ from pathlib import Path
 from . import UserError, data
 from .evaluate import compare_results, is_rate
 from .rewards import MAX_STEP_CHARS, completion_text, find_steps
+from .runfiles import COMPLETIONS_DIR, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, SAMPLES_FILE
 
-METRICS_FILE, CONFIG_FILE, COMPLETIONS_FILE = "metrics.jsonl", "grpo_math_config.yaml", "completions.jsonl"
-RESULTS_FILE, SAMPLES_FILE = "results.json", "samples.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"
 KEY_SETTINGS = ("model_name_or_path", "dataset_name", "answer_format", "reward_funcs", "reward_weights",
                 "learning_rate", "beta", "num_generations", "per_device_train_batch_size", "max_completion_length",
                 "temperature", "max_steps", "use_peft", "seed")
@@ -138,7 +138,7 @@ def load_completions(folder: Path, config: dict) -> list[dict]:
              "completion": completion_text(r.get("completion") or ""), "answer": r.get("answer"),
              "rewards": _numbers(r.get("rewards") or {})}
             for r in (read_jsonl(folder / COMPLETIONS_FILE) if (folder / COMPLETIONS_FILE).is_file() else [])]
-    parquet = sorted((folder / "completions").glob("*.parquet"))
+    parquet = sorted((folder / COMPLETIONS_DIR).glob("*.parquet"))
     if parquet:
         import pyarrow.parquet as pq
 

@@ -33,18 +33,17 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import UserError
 from .config import GRPOMathConfig, ScriptConfig, parse_train_args, to_dict
+from .console import setup_logging, use_console
 from .data import load_gsm8k, render_plain
 from .models import apply_template, load_tokenizer, load_weights, resolve_model
 from .rewards import get_reward_funcs
+from .runfiles import CONFIG_FILE, METRICS_FILE, RUN_INFO_FILE, SFT_DIR
 
-CONFIG_FILE = "grpo_math_config.yaml"
-SFT_DIR = "sft"
-METRICS_FILE = "metrics.jsonl"
-RUN_INFO_FILE = "run_info.json"
 logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging(main_process=os.environ.get("RANK", "0") == "0")
     script, args, model_args = parse_train_args(argv)
     resume = find_resume_checkpoint(args)
     path = resolve_model(model_args.model_name_or_path)
@@ -54,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         path = cold_start(script, args, model_args, path, tokenizer)
     model = load_weights(path, model_args.dtype or "float32")  # fp32 master weights; mixed precision from bf16
     trainer = build_trainer(script, args, model_args, model, tokenizer, dataset)
+    announce(trainer, f"GRPO on {len(dataset)} problems")
     write_run_info(trainer)
     run_training(trainer, resume)
     save_final(trainer, script, args, model_args)
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def sft_command(argv: list[str]) -> int:
     """``grpo-math sft``: only the cold-start stage of a recipe (same flags as ``train``), into ``output_dir/sft``."""
+    setup_logging(main_process=os.environ.get("RANK", "0") == "0")
     script, args, model_args = parse_train_args(argv, prog="grpo-math sft")
     if not script.sft_examples:
         raise UserError("set --sft_examples N (training solutions to fine-tune on)")
@@ -92,6 +93,8 @@ def cold_start(script: ScriptConfig, args: GRPOMathConfig, model_args, path: str
     trainer = SFTTrainer(model=load_weights(path, model_args.dtype or "float32"), args=sft_args,
                          train_dataset=sft_data(script, tokenizer), processing_class=tokenizer,
                          callbacks=[BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile()])
+    use_console(trainer, "sft")
+    announce(trainer, f"cold start (SFT) on {script.sft_examples} solutions")
     run_training(trainer, None)
     trainer.save_model(str(staging))
     if trainer.accelerator.is_main_process:
@@ -117,6 +120,15 @@ def sft_data(script: ScriptConfig, tokenizer):
         return {"completion": [{"role": "assistant", "content": target}] if chat else target}
 
     return plain_prompts(dataset.map(completion), tokenizer).select_columns(["prompt", "completion"])
+
+
+def announce(trainer, what: str) -> None:
+    """One line before training: what runs, where, in which precision, and where it is written."""
+    args, acc = trainer.args, trainer.accelerator
+    if acc.is_main_process:
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        print(f"{what}: {trainer.state.max_steps or args.max_steps} steps, {acc.num_processes} x {acc.device.type}, "
+              f"{precision} -> {args.output_dir}")
 
 
 def write_run_info(trainer) -> dict:
@@ -284,6 +296,7 @@ class BadStepGuard(TrainerCallback):
     def _bad(self, step: int, reason: str, control) -> None:
         if self.action == "skip":
             self.skipped.append(step)
+            logger.warning("step %d: %s; that update was dropped (on_bad_step: skip)", step, reason)
             return
         self.stopped, self.reason = self.stopped or step, self.reason or reason
         control.should_training_stop, control.should_save = True, False
@@ -303,6 +316,12 @@ def trainer_class():
 
     class Trainer(GRPOTrainer):
         run_config: dict = {}
+
+        def _issue_warnings_after_load(self, load_result):
+            # A checkpoint never stores tied weights (lm_head = embed_tokens): not a missing key worth a warning.
+            tied = set(getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or ())
+            missing = [k for k in load_result.missing_keys if not any(k == t or k.endswith("." + t) for t in tied)]
+            super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
         def _save_checkpoint(self, model, trial):
             # Single process: write checkpoint-N under .staging, add the config, then rename it into place.
@@ -347,6 +366,7 @@ def build_trainer(script: ScriptConfig, args: GRPOMathConfig, model_args, model,
         callbacks=callbacks,
     )
     trainer.run_config = to_dict(script, model_args, args)
+    use_console(trainer)
     if args.eval_limit:
         callbacks[0].trainer = trainer  # so eval/* metrics land in the step's own log line
     return trainer
