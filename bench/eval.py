@@ -33,7 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "gsm8k_grpo_math_local"
 # Environment of both tools' processes: offline, plus the thread count of --threads.
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 
 
 def main() -> int:
@@ -43,11 +48,18 @@ def main() -> int:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_fewshot", type=int, default=5, help="lm-eval's gsm8k default is 5")
-    parser.add_argument("--data_dir", help="folder with GSM8K's test.jsonl and train.jsonl",
-                        default=os.environ.get("GRPO_MATH_GSM8K_DIR") or ROOT.parent / "shared/data/gsm8k")
+    parser.add_argument(
+        "--data_dir",
+        help="folder with GSM8K's test.jsonl and train.jsonl",
+        default=os.environ.get("GRPO_MATH_GSM8K_DIR") or ROOT.parent / "shared/data/gsm8k",
+    )
     parser.add_argument("--output", help="keep both tools' outputs here (default: a temporary folder)")
-    parser.add_argument("--threads", type=int, help="OMP/MKL threads for both tools (default: torch's choice); on a "
-                        "busy machine 1 can be many times faster than oversubscribed cores")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="OMP/MKL threads for both tools (default: torch's choice); on a "
+        "busy machine 1 can be many times faster than oversubscribed cores",
+    )
     args = parser.parse_args()
     if args.threads:
         CHILD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -60,8 +72,11 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         model = prepare_model(args.model)
         dtype = model_dtype()
-        print(f"model {args.model} -> {model} ({dtype}); {args.limit} problems, max_new_tokens {args.max_new_tokens}, "
-              f"batch {args.batch_size}", flush=True)
+        print(
+            f"model {args.model} -> {model} ({dtype}); {args.limit} problems, max_new_tokens {args.max_new_tokens}, "
+            f"batch {args.batch_size}",
+            flush=True,
+        )
         ours = run_grpo_math(model, dtype, data, args, out / "grpo-math")
         theirs = run_lm_eval(model, dtype, data, args, out / "lm-eval")
         if args.output:
@@ -72,8 +87,12 @@ def main() -> int:
 
 def prepare_model(name: str) -> str:
     """Resolve (and convert once) the model outside the timed runs; both tools get the same local folder."""
-    done = subprocess.run([sys.executable, "-m", "grpo_math", "prepare-model", "--model", name],
-                          capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
+    done = subprocess.run(
+        [sys.executable, "-m", "grpo_math", "prepare-model", "--model", name],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **CHILD_ENV},
+    )
     if done.returncode:
         sys.exit(f"prepare-model failed: {done.stderr.strip()}")
     return done.stdout.strip().splitlines()[-1]
@@ -92,37 +111,66 @@ def timed(cmd: list[str], log: Path) -> float:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV}, cwd=ROOT)
     seconds = time.perf_counter() - start
     if done.returncode:
-        sys.exit(f"{' '.join(cmd[:4])} ... failed (exit {done.returncode}); last lines of {log}:\n"
-                 + "\n".join(log.read_text().splitlines()[-15:]))
+        sys.exit(
+            f"{' '.join(cmd[:4])} ... failed (exit {done.returncode}); last lines of {log}:\n"
+            + "\n".join(log.read_text().splitlines()[-15:])
+        )
     return seconds
 
 
 def run_grpo_math(model: str, dtype: str, data: Path, args, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "grpo_math", "eval", "--model", model, "--dataset_name", str(data), "--split", "test",
-           "--limit", str(args.limit), "--max_new_tokens", str(args.max_new_tokens),
-           "--batch_size", str(args.batch_size), "--dtype", dtype, "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpo_math",
+        "eval",
+        "--model",
+        model,
+        "--dataset_name",
+        str(data),
+        "--split",
+        "test",
+        "--limit",
+        str(args.limit),
+        "--max_new_tokens",
+        str(args.max_new_tokens),
+        "--batch_size",
+        str(args.batch_size),
+        "--dtype",
+        dtype,
+        "--output",
+        str(out),
+    ]
     print("running grpo-math eval ...", flush=True)
     wall = timed(cmd, out / "log.txt")
     results = json.loads((out / "results.json").read_text())
     metrics = results["metrics"]
     questions = [json.loads(line)["question"] for line in (out / "samples.jsonl").read_text().splitlines()]
-    return {"questions": questions, "wall": wall, "own_seconds": results.get("seconds"), "metrics": metrics,
-            "new_tokens": metrics.get("mean_completion_tokens"),
-            "prompt_tokens": grpo_math_prompt_tokens(model, data, args.limit),
-            "strict": metrics.get("strict_accuracy"), "flexible": metrics.get("flexible_accuracy")}
+    return {
+        "questions": questions,
+        "wall": wall,
+        "own_seconds": results.get("seconds"),
+        "metrics": metrics,
+        "new_tokens": metrics.get("mean_completion_tokens"),
+        "prompt_tokens": grpo_math_prompt_tokens(model, data, args.limit),
+        "strict": metrics.get("strict_accuracy"),
+        "flexible": metrics.get("flexible_accuracy"),
+    }
 
 
 def grpo_math_prompt_tokens(model: str, data: Path, limit: int) -> float:
     """Mean prompt length of grpo-math eval's prompts (default recipe settings), in tokens."""
-    from grpo_math.data import build_prompt, load_problems
     from grpo_math.config import PromptSettings
+    from grpo_math.data import build_prompt, load_problems
     from grpo_math.models import apply_template, load_tokenizer
 
     tokenizer, prompt = load_tokenizer(model), PromptSettings()
     shots = load_problems("builtin")[: prompt.num_few_shot] if prompt.num_few_shot else []
-    texts = [apply_template(tokenizer, build_prompt(p.question, prompt.answer_format, prompt.system_prompt, shots))
-             for p in load_problems(str(data), "test", limit)]
+    texts = [
+        apply_template(tokenizer, build_prompt(p.question, prompt.answer_format, prompt.system_prompt, shots))
+        for p in load_problems(str(data), "test", limit)
+    ]
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
 
 
@@ -133,8 +181,12 @@ def write_task(folder: Path, data: Path, max_new_tokens: int) -> None:
 
     spec = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks/gsm8k/gsm8k.yaml").read_text())
     spec.pop("tag", None)
-    spec.update(task=TASK, dataset_path="json", dataset_name=None,
-                dataset_kwargs={"data_files": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}})
+    spec.update(
+        task=TASK,
+        dataset_path="json",
+        dataset_name=None,
+        dataset_kwargs={"data_files": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}},
+    )
     spec["generation_kwargs"]["max_gen_toks"] = max_new_tokens
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{TASK}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -144,20 +196,46 @@ def run_lm_eval(model: str, dtype: str, data: Path, args, out: Path) -> dict:
     import torch
 
     write_task(out / "tasks", data, args.max_new_tokens)
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={model},dtype={dtype}",
-           "--tasks", TASK, "--include_path", str(out / "tasks"), "--limit", str(args.limit),
-           "--num_fewshot", str(args.num_fewshot), "--batch_size", str(args.batch_size),
-           "--device", "cuda" if torch.cuda.is_available() else "cpu", "--output_path", str(out), "--log_samples"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "run",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model},dtype={dtype}",
+        "--tasks",
+        TASK,
+        "--include_path",
+        str(out / "tasks"),
+        "--limit",
+        str(args.limit),
+        "--num_fewshot",
+        str(args.num_fewshot),
+        "--batch_size",
+        str(args.batch_size),
+        "--device",
+        "cuda" if torch.cuda.is_available() else "cpu",
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
     print("running lm-eval ...", flush=True)
     wall = timed(cmd, out / "log.txt")
     results = json.loads(newest(out, "results_*.json").read_text())
     scores = results["results"][TASK]
     samples = lm_eval_samples(newest(out, f"samples_{TASK}_*.jsonl"))
     prompt_tokens, new_tokens = lm_eval_tokens(model, samples)
-    return {"questions": [samples[i]["doc"]["question"] for i in sorted(samples)], "wall": wall,
-            "own_seconds": float(results.get("total_evaluation_time_seconds", "nan")),
-            "strict": scores.get("exact_match,strict-match"), "flexible": scores.get("exact_match,flexible-extract"),
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+    return {
+        "questions": [samples[i]["doc"]["question"] for i in sorted(samples)],
+        "wall": wall,
+        "own_seconds": float(results.get("total_evaluation_time_seconds", "nan")),
+        "strict": scores.get("exact_match,strict-match"),
+        "flexible": scores.get("exact_match,flexible-extract"),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+    }
 
 
 def newest(folder: Path, pattern: str) -> Path:
@@ -200,9 +278,11 @@ def report(ours: dict, theirs: dict, model: str, data: Path, args) -> None:
     import lm_eval
     import torch
 
-    print(f"\nmodel {model}, {args.limit} GSM8K test problems from {data}, max_new_tokens {args.max_new_tokens}, "
-          f"batch {args.batch_size}, lm_eval {getattr(lm_eval, '__version__', '?')}, torch {torch.__version__}, "
-          f"{'cuda' if torch.cuda.is_available() else f'cpu, threads {args.threads or torch.get_num_threads()}'}")
+    print(
+        f"\nmodel {model}, {args.limit} GSM8K test problems from {data}, max_new_tokens {args.max_new_tokens}, "
+        f"batch {args.batch_size}, lm_eval {getattr(lm_eval, '__version__', '?')}, torch {torch.__version__}, "
+        f"{'cuda' if torch.cuda.is_available() else f'cpu, threads {args.threads or torch.get_num_threads()}'}"
+    )
     print(f"{'':40}{'grpo-math eval':>16}{'lm-eval hf':>14}")
     for name, a, b in rows:
         print(f"{name:40}{a:>16}{b:>14}")
@@ -212,8 +292,10 @@ def report(ours: dict, theirs: dict, model: str, data: Path, args) -> None:
     same = [q.strip() for q in ours["questions"]] == [q.strip() for q in theirs["questions"]]
     print(f"same {args.limit} problems in the same order: {'yes' if same else 'NO: the comparison is not valid'}")
     own = theirs["own_seconds"] / ours["own_seconds"] if ours["own_seconds"] and theirs["own_seconds"] else None
-    print(f"ratio of problems/s, grpo-math / lm-eval: {theirs['wall'] / ours['wall']:.2f} (wall), "
-          f"{num(own, '.2f')} (own timers)")
+    print(
+        f"ratio of problems/s, grpo-math / lm-eval: {theirs['wall'] / ours['wall']:.2f} (wall), "
+        f"{num(own, '.2f')} (own timers)"
+    )
 
 
 if __name__ == "__main__":

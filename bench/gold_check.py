@@ -20,27 +20,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data_dir", default=os.environ.get("GRPO_MATH_GSM8K_DIR", ROOT.parent / "shared" / "data" / "gsm8k"))
+    parser.add_argument(
+        "--data_dir", default=os.environ.get("GRPO_MATH_GSM8K_DIR", ROOT.parent / "shared" / "data" / "gsm8k")
+    )
     parser.add_argument("--split", default="test")
     parser.add_argument("--strip_annotations", action="store_true", help="remove <<...>> as models write")
     args = parser.parse_args()
     problems = load_problems(str(args.data_dir), args.split)
     texts = [format_solution(p.solution, p.answer, "tags", not args.strip_annotations) for p in problems]
-    wrong = [t.replace(f"<answer>{p.answer}</answer>", f"<answer>{p.answer}1</answer>") for t, p in zip(texts, problems)]
+    wrong = [
+        t.replace(f"<answer>{p.answer}</answer>", f"<answer>{p.answer}1</answer>") for t, p in zip(texts, problems)
+    ]
     kwargs = {"answer": [p.answer for p in problems], "question": [p.question for p in problems]}
     correct, steps = (f(texts, **kwargs) for f in get_reward_funcs(["correct", "steps"]))
-    print(f"{len(problems)} {args.split} references: correct = 1 for {sum(correct):.0f}, "
-          f"correct with the answer changed = 1 for {sum(get_reward_funcs(['correct'])[0](wrong, **kwargs)):.0f}")
-    print(f"steps: mean {sum(steps) / len(steps):.3f}; distribution " +
-          ", ".join(f"{v:.2f}: {n}" for v, n in sorted(Counter(round(s, 2) for s in steps).items())))
-    failing = [(p.where, line) for p in problems for line in p.solution.splitlines()
-               if any(not s.ok for s in find_steps(line))]
+    print(
+        f"{len(problems)} {args.split} references: correct = 1 for {sum(correct):.0f}, "
+        f"correct with the answer changed = 1 for {sum(get_reward_funcs(['correct'])[0](wrong, **kwargs)):.0f}"
+    )
+    print(
+        f"steps: mean {sum(steps) / len(steps):.3f}; distribution "
+        + ", ".join(f"{v:.2f}: {n}" for v, n in sorted(Counter(round(s, 2) for s in steps).items()))
+    )
+    failing = [
+        (p.where, line)
+        for p in problems
+        for line in p.solution.splitlines()
+        if any(not s.ok for s in find_steps(line))
+    ]
     print(f"reference lines with an equation that does not verify: {len(failing)}")
     for where, line in failing[:60]:
         print(f"  {where}: {line.strip()[:110]}")
-    empty = sum(1 for s, p in zip(steps, problems) if s == 0 and not any(x.ok is False for x in find_steps(p.solution)))
-    print(f"references with steps = 0 and no false line (nothing countable: algebra, world-knowledge numbers, "
-          f"only 0/1/2 operands): {empty}")
+    empty = sum(
+        1 for s, p in zip(steps, problems) if s == 0 and not any(x.ok is False for x in find_steps(p.solution))
+    )
+    print(
+        f"references with steps = 0 and no false line (nothing countable: algebra, world-knowledge numbers, "
+        f"only 0/1/2 operands): {empty}"
+    )
 
 
 if __name__ == "__main__":

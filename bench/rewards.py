@@ -69,7 +69,9 @@ def build(problems: list[Problem], n: int, answer_format: str) -> list[dict]:
             text = format_solution(p.solution.replace(p.answer, wrong), wrong, answer_format)
         else:
             text = hostile(p, i // 10, answer_format)
-        rows.append({"completion": [{"role": "assistant", "content": text}], "answer": p.answer, "question": p.question})
+        rows.append(
+            {"completion": [{"role": "assistant", "content": text}], "answer": p.answer, "question": p.question}
+        )
     return rows
 
 
@@ -87,9 +89,12 @@ def best_time(funcs, rows: list[dict], repeat: int, shared_cache: bool) -> float
                 rewards._analyse.cache_clear()
             start = time.perf_counter()
             for i in range(0, len(rows), BATCH):
-                batch = rows[i:i + BATCH]
-                f([r["completion"] for r in batch], answer=[r["answer"] for r in batch],
-                  question=[r["question"] for r in batch])
+                batch = rows[i : i + BATCH]
+                f(
+                    [r["completion"] for r in batch],
+                    answer=[r["answer"] for r in batch],
+                    question=[r["question"] for r in batch],
+                )
             elapsed += time.perf_counter() - start
         times.append(elapsed)
     return min(times)
@@ -101,8 +106,11 @@ def main() -> int:
     parser.add_argument("--answer_format", default="tags", choices=ANSWER_FORMATS)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is printed")
     parser.add_argument("--cpu", type=int, help="core to pin to (default: the first one this process may use)")
-    parser.add_argument("--data_dir", help="folder with GSM8K's test.jsonl",
-                        default=os.environ.get("GRPO_MATH_GSM8K_DIR") or ROOT.parent / "shared/data/gsm8k")
+    parser.add_argument(
+        "--data_dir",
+        help="folder with GSM8K's test.jsonl",
+        default=os.environ.get("GRPO_MATH_GSM8K_DIR") or ROOT.parent / "shared/data/gsm8k",
+    )
     args = parser.parse_args()
     where = "unpinned"
     if hasattr(os, "sched_setaffinity"):  # one core, for this process and the math_verify worker it spawns
@@ -117,8 +125,10 @@ def main() -> int:
     hits = answers.stats["verify_calls"] - calls
 
     per_100 = 100 / len(rows)
-    print(f"{len(rows)} completions ({args.answer_format}, {chars:,.0f} chars on average, {hits} reach math_verify), "
-          f"{where}, best of {args.repeat}, batches of {BATCH}")
+    print(
+        f"{len(rows)} completions ({args.answer_format}, {chars:,.0f} chars on average, {hits} reach math_verify), "
+        f"{where}, best of {args.repeat}, batches of {BATCH}"
+    )
     print(f"{'reward':<16} {'s / 100 completions':>20}")
     for name in REWARDS:
         seconds = best_time(get_reward_funcs([name], args.answer_format), rows, args.repeat, shared_cache=False)
@@ -130,7 +140,9 @@ def main() -> int:
     for kind, part in [("reference", range(0, 8)), ("wrong", range(8, 9)), ("hostile", range(9, 10))]:
         subset = [r for i, r in enumerate(rows) if i % 10 in part]
         seconds = best_time(every, subset, args.repeat, shared_cache=True)
-        print(f"  {kind + ' only':<14} {seconds * 100 / len(subset):>20.4f}   (all rewards, {len(subset)} completions)")
+        print(
+            f"  {kind + ' only':<14} {seconds * 100 / len(subset):>20.4f}   (all rewards, {len(subset)} completions)"
+        )
     print(f"math_verify timeouts: {answers.stats['verify_timeouts']}")
     return 0
 

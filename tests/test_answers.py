@@ -46,8 +46,25 @@ def test_parse_number_reads_plain_numbers(text, value):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "abc", "1e3", "inf", "nan", "1,00", "3,5", "1 000", "3/0", "1 1/2", "2^10", "9^9^9^9^9", "\u0664\u0662",
-     "\uff14\uff12", "18 dollars", "1" + "0" * 10000, "1." + "5" * 200],
+    [
+        "",
+        "abc",
+        "1e3",
+        "inf",
+        "nan",
+        "1,00",
+        "3,5",
+        "1 000",
+        "3/0",
+        "1 1/2",
+        "2^10",
+        "9^9^9^9^9",
+        "\u0664\u0662",
+        "\uff14\uff12",
+        "18 dollars",
+        "1" + "0" * 10000,
+        "1." + "5" * 200,
+    ],
 )
 def test_parse_number_rejects_everything_else(text):
     assert parse_number(text) is None
@@ -118,8 +135,18 @@ def test_answers_match(pred, gold, match):
     assert answers_match(pred, gold) is match
 
 
-@pytest.mark.parametrize("pred", ["9^9^9^9^9", "9**9**9**9", "\\frac{9^{9^{9^{9}}}}{1}", "100000!", "1" + "0" * 10000,
-                                  "\\sqrt{" * 60 + "4" + "}" * 60, "\\binom{100000000}{50000000}"])
+@pytest.mark.parametrize(
+    "pred",
+    [
+        "9^9^9^9^9",
+        "9**9**9**9",
+        "\\frac{9^{9^{9^{9}}}}{1}",
+        "100000!",
+        "1" + "0" * 10000,
+        "\\sqrt{" * 60 + "4" + "}" * 60,
+        "\\binom{100000000}{50000000}",
+    ],
+)
 def test_hostile_answers_are_rejected_before_math_verify(pred):
     calls = answers.stats["verify_calls"]
     start = time.perf_counter()
@@ -143,8 +170,13 @@ def test_latex_goes_to_math_verify_and_a_runaway_is_killed_from_a_worker_thread(
 
 
 def test_find_answers_is_linear_on_hostile_markers():
-    for text in ["<answer>" * 20000, "\\boxed{" * 20000, "\\boxed{" * 10000 + "}" * 10000, "#" * 100000,
-                 "<answer>1</answer>" * 5000]:
+    for text in [
+        "<answer>" * 20000,
+        "\\boxed{" * 20000,
+        "\\boxed{" * 10000 + "}" * 10000,
+        "#" * 100000,
+        "<answer>1</answer>" * 5000,
+    ]:
         start = time.perf_counter()
         for answer_format in ("tags", "hash", "boxed"):
             find_answers(text, answer_format)
@@ -165,8 +197,15 @@ def test_gold_from_solution(solution, gold):
     assert gold_from_solution(solution) == gold
 
 
-@pytest.mark.parametrize(("solution", "message"), [("no marker 18", "no '####'"), ("#### eighteen", "plain number"),
-                                                   ("#### 1/2", "plain number"), ("####", "plain number")])
+@pytest.mark.parametrize(
+    ("solution", "message"),
+    [
+        ("no marker 18", "no '####'"),
+        ("#### eighteen", "plain number"),
+        ("#### 1/2", "plain number"),
+        ("####", "plain number"),
+    ],
+)
 def test_gold_from_solution_errors_are_clear(solution, message):
     with pytest.raises(ValueError, match=message):
         gold_from_solution(solution)

@@ -28,7 +28,10 @@ def tmp(tmp_path_factory):
     (root / "corrupt_config").mkdir()
     (root / "corrupt_config" / "config.json").write_text("{not json")
     rows = {
-        "missing_answer": [{"question": "Tom has 3 apples.", "answer": "3 + 4 = 7\n#### 7"}, {"question": "No answer?"}],
+        "missing_answer": [
+            {"question": "Tom has 3 apples.", "answer": "3 + 4 = 7\n#### 7"},
+            {"question": "No answer?"},
+        ],
         "question_number": [{"question": 17, "answer": "#### 2"}],
         "nonnumeric": [{"question": "Tom has 3 apples.", "answer": "3 + 4 = 7\n#### seven"}],
         "array_line": [["Tom has 3 apples.", "#### 7"]],
@@ -38,9 +41,15 @@ def tmp(tmp_path_factory):
     for name, lines in rows.items():
         (root / name).mkdir()
         (root / name / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    recipes = {"wrong_float": "learning_rate: fast\n", "wrong_bool": "bf16: maybe\n", "float_int": "num_generations: 2.5\n",
-               "str_list": "reward_funcs: correct\n", "tab": "max_steps: 3\n\tbeta: 0.1\n", "list_top": "- a\n- b\n",
-               "unknown_reward": "reward_funcs: [correct, corect]\n"}
+    recipes = {
+        "wrong_float": "learning_rate: fast\n",
+        "wrong_bool": "bf16: maybe\n",
+        "float_int": "num_generations: 2.5\n",
+        "str_list": "reward_funcs: correct\n",
+        "tab": "max_steps: 3\n\tbeta: 0.1\n",
+        "list_top": "- a\n- b\n",
+        "unknown_reward": "reward_funcs: [correct, corect]\n",
+    }
     for name, text in recipes.items():
         (root / f"{name}.yaml").write_text(text)
     return root
@@ -80,84 +89,244 @@ LEAD = "known gap, see the report to the lead: "
 # (row of docs/bad-inputs.md, argv, pieces the one error line must hold, needs the embedded model, xfail reason)
 CASES = [
     # -- model --
-    ("missing model path (eval)", ["eval", "--model", "{tmp}/no/such/model", "--dataset_name", "builtin", "--limit", "1",
-                                   "--output", "{tmp}/eval"], ["model path not found: {tmp}/no/such/model"], False, None),
-    ("folder without config.json", ["train", "--model_name_or_path", "{tmp}/empty"],
-     ["model folder {tmp}/empty has no config.json"], False, None),
-    ("corrupt config.json", ["train", "--model_name_or_path", "{tmp}/corrupt_config"],
-     ["cannot load tokenizer from {tmp}/corrupt_config", "config.json"], False, None),
-    ("folder without weights", ["train", "--model_name_or_path", "{tmp}/no_weights"],
-     ["cannot load model {tmp}/no_weights", "model.safetensors"], True, None),
-    ("truncated safetensors (ask, eval)", ["ask", "--model", "{tmp}/bad_weights", "hi"],
-     ["cannot load model {tmp}/bad_weights", "header"], True, None),
-    ("truncated safetensors (train)", ["train", "--model_name_or_path", "{tmp}/bad_weights"],
-     ["cannot load model {tmp}/bad_weights"], True, None),
+    (
+        "missing model path (eval)",
+        [
+            "eval",
+            "--model",
+            "{tmp}/no/such/model",
+            "--dataset_name",
+            "builtin",
+            "--limit",
+            "1",
+            "--output",
+            "{tmp}/eval",
+        ],
+        ["model path not found: {tmp}/no/such/model"],
+        False,
+        None,
+    ),
+    (
+        "folder without config.json",
+        ["train", "--model_name_or_path", "{tmp}/empty"],
+        ["model folder {tmp}/empty has no config.json"],
+        False,
+        None,
+    ),
+    (
+        "corrupt config.json",
+        ["train", "--model_name_or_path", "{tmp}/corrupt_config"],
+        ["cannot load tokenizer from {tmp}/corrupt_config", "config.json"],
+        False,
+        None,
+    ),
+    (
+        "folder without weights",
+        ["train", "--model_name_or_path", "{tmp}/no_weights"],
+        ["cannot load model {tmp}/no_weights", "model.safetensors"],
+        True,
+        None,
+    ),
+    (
+        "truncated safetensors (ask, eval)",
+        ["ask", "--model", "{tmp}/bad_weights", "hi"],
+        ["cannot load model {tmp}/bad_weights", "header"],
+        True,
+        None,
+    ),
+    (
+        "truncated safetensors (train)",
+        ["train", "--model_name_or_path", "{tmp}/bad_weights"],
+        ["cannot load model {tmp}/bad_weights"],
+        True,
+        None,
+    ),
     ("no model at all", ["train"], ["no model given: set --model_name_or_path"], False, None),
-    ("garbage .gguf", ["prepare-model", "--model", "{tmp}/garbage.gguf"],
-     ["cannot read GGUF file {tmp}/garbage.gguf", "GGUF magic"], False, None),
-    ("truncated .gguf", ["prepare-model", "--model", "{tmp}/truncated.gguf"],
-     ["cannot read GGUF file {tmp}/truncated.gguf", "ends early"], False, None),
+    (
+        "garbage .gguf",
+        ["prepare-model", "--model", "{tmp}/garbage.gguf"],
+        ["cannot read GGUF file {tmp}/garbage.gguf", "GGUF magic"],
+        False,
+        None,
+    ),
+    (
+        "truncated .gguf",
+        ["prepare-model", "--model", "{tmp}/truncated.gguf"],
+        ["cannot read GGUF file {tmp}/truncated.gguf", "ends early"],
+        False,
+        None,
+    ),
     # -- GSM8K rows --
-    ("row without an answer field", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/missing_answer"],
-     ["{tmp}/missing_answer/train.jsonl:2: field 'answer'", "--skip_bad_rows"], True, None),
-    ("question that is not text", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/question_number"],
-     ["question_number/train.jsonl:1: field 'question' is missing, empty or not text"], True, None),
-    ("non-numeric gold answer", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/nonnumeric"],
-     ["nonnumeric/train.jsonl:1: field 'answer'", "not followed by a plain number: 'seven'", "--skip_bad_rows"], True, None),
-    ("line that is not a JSON object", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/array_line"],
-     ["array_line/train.jsonl:1: expected a JSON object"], True, None),
+    (
+        "row without an answer field",
+        ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/missing_answer"],
+        ["{tmp}/missing_answer/train.jsonl:2: field 'answer'", "--skip_bad_rows"],
+        True,
+        None,
+    ),
+    (
+        "question that is not text",
+        ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/question_number"],
+        ["question_number/train.jsonl:1: field 'question' is missing, empty or not text"],
+        True,
+        None,
+    ),
+    (
+        "non-numeric gold answer",
+        ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/nonnumeric"],
+        ["nonnumeric/train.jsonl:1: field 'answer'", "not followed by a plain number: 'seven'", "--skip_bad_rows"],
+        True,
+        None,
+    ),
+    (
+        "line that is not a JSON object",
+        ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/array_line"],
+        ["array_line/train.jsonl:1: expected a JSON object"],
+        True,
+        None,
+    ),
     ("dataset_limit 0", ["train", "--dataset_limit", "0"], ["dataset_limit must be > 0"], False, None),
-    ("empty dataset", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/empty_data"],
-     ["dataset '{tmp}/empty_data' split 'train' has no usable rows"], True, None),
-    ("every row bad, skipped", ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/all_bad",
-                                "--skip_bad_rows"], ["has no usable rows (all 1 skipped as bad)"], True, None),
+    (
+        "empty dataset",
+        ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/empty_data"],
+        ["dataset '{tmp}/empty_data' split 'train' has no usable rows"],
+        True,
+        None,
+    ),
+    (
+        "every row bad, skipped",
+        ["train", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/all_bad", "--skip_bad_rows"],
+        ["has no usable rows (all 1 skipped as bad)"],
+        True,
+        None,
+    ),
     # -- cold start --
     ("sft without examples", ["sft"], ["set --sft_examples N"], False, None),
     ("negative sft_examples", ["train", "--sft_examples", "-4"], ["sft_examples must be >= 0"], False, None),
-    ("cold start uses every problem", ["train", "--model_name_or_path", "{model}", "--dataset_name", "builtin",
-                                       "--sft_examples", "500"],
-     ["has 60 problems, all used by the cold start (sft_examples=500)"], True, None),
+    (
+        "cold start uses every problem",
+        ["train", "--model_name_or_path", "{model}", "--dataset_name", "builtin", "--sft_examples", "500"],
+        ["has 60 problems, all used by the cold start (sft_examples=500)"],
+        True,
+        None,
+    ),
     # -- recipes (YAML) --
-    ("YAML: text for a float", ["train", "--config", "{tmp}/wrong_float.yaml"], ["learning_rate", "'fast'"], False, None),
+    (
+        "YAML: text for a float",
+        ["train", "--config", "{tmp}/wrong_float.yaml"],
+        ["learning_rate", "'fast'"],
+        False,
+        None,
+    ),
     ("YAML: text for a bool", ["train", "--config", "{tmp}/wrong_bool.yaml"], ["bf16", "maybe"], False, None),
     ("YAML: float for an int", ["train", "--config", "{tmp}/float_int.yaml"], ["num_generations", "2.5"], False, None),
-    ("YAML: tab indentation", ["train", "--config", "{tmp}/tab.yaml"], ["{tmp}/tab.yaml:2: invalid YAML"], False, None),
-    ("YAML: not a mapping", ["train", "--config", "{tmp}/list_top.yaml"], ["{tmp}/list_top.yaml", "mapping"], False,
-     None),
+    (
+        "YAML: tab indentation",
+        ["train", "--config", "{tmp}/tab.yaml"],
+        ["{tmp}/tab.yaml:2: invalid YAML"],
+        False,
+        None,
+    ),
+    (
+        "YAML: not a mapping",
+        ["train", "--config", "{tmp}/list_top.yaml"],
+        ["{tmp}/list_top.yaml", "mapping"],
+        False,
+        None,
+    ),
     # -- batch sizes --
-    ("negative batch size", ["train", "--per_device_train_batch_size", "-1"], ["per_device_train_batch_size must be a positive integer, not -1"],
-     False, None),
+    (
+        "negative batch size",
+        ["train", "--per_device_train_batch_size", "-1"],
+        ["per_device_train_batch_size must be a positive integer, not -1"],
+        False,
+        None,
+    ),
     ("one generation per prompt", ["train", "--num_generations", "1"], ["num_generations must be >= 2"], False, None),
-    ("zero gradient accumulation", ["train", "--gradient_accumulation_steps", "0"], ["gradient_accumulation_steps must be a positive integer, not 0"],
-     False, None),
-    ("zero completion length", ["train", "--max_completion_length", "0"], ["max_completion_length must be > 0"], False, None),
+    (
+        "zero gradient accumulation",
+        ["train", "--gradient_accumulation_steps", "0"],
+        ["gradient_accumulation_steps must be a positive integer, not 0"],
+        False,
+        None,
+    ),
+    (
+        "zero completion length",
+        ["train", "--max_completion_length", "0"],
+        ["max_completion_length must be > 0"],
+        False,
+        None,
+    ),
     ("negative max_prompt_length", ["train", "--max_prompt_length", "-5"], ["max_prompt_length"], False, None),
-    ("num_generations does not divide the batch", ["train", "--per_device_train_batch_size", "6", "--num_generations",
-                                                   "4"], ["= 6 completions per step is not a multiple of num_generations (4)", "one of [2, 3, 6]"], False, None),
-    ("prompt longer than max_prompt_length", ["train", "--model_name_or_path", "{model}", "--dataset_limit", "4",
-                                              "--max_prompt_length", "32"],
-     ["tokens > max_prompt_length=32", "raise --max_prompt_length to at least"], True, None),
+    (
+        "num_generations does not divide the batch",
+        ["train", "--per_device_train_batch_size", "6", "--num_generations", "4"],
+        ["= 6 completions per step is not a multiple of num_generations (4)", "one of [2, 3, 6]"],
+        False,
+        None,
+    ),
+    (
+        "prompt longer than max_prompt_length",
+        ["train", "--model_name_or_path", "{model}", "--dataset_limit", "4", "--max_prompt_length", "32"],
+        ["tokens > max_prompt_length=32", "raise --max_prompt_length to at least"],
+        True,
+        None,
+    ),
     # -- rewards, flags, files --
-    ("unknown reward (recipe)", ["train", "--config", "{tmp}/unknown_reward.yaml"],
-     ["unknown reward 'corect'", "valid: correct"], False, None),
-    ("unknown reward preset", ["train", "--reward_preset", "fancy"], ["reward_preset 'fancy'", "default, notebook"],
-     False, None),
-    ("reward_weights of another length", ["train", "--reward_weights", "1", "2"],
-     ["reward_weights has 2 values but reward_funcs has 5"], False, None),
+    (
+        "unknown reward (recipe)",
+        ["train", "--config", "{tmp}/unknown_reward.yaml"],
+        ["unknown reward 'corect'", "valid: correct"],
+        False,
+        None,
+    ),
+    (
+        "unknown reward preset",
+        ["train", "--reward_preset", "fancy"],
+        ["reward_preset 'fancy'", "default, notebook"],
+        False,
+        None,
+    ),
+    (
+        "reward_weights of another length",
+        ["train", "--reward_weights", "1", "2"],
+        ["reward_weights has 2 values but reward_funcs has 5"],
+        False,
+        None,
+    ),
     ("unknown flag (eval)", ["eval", "--no_such_flag"], ["unrecognized arguments: --no_such_flag"], False, None),
-    ("missing data file (eval)", ["eval", "--model", "x", "--dataset_name", "{tmp}/missing/test.jsonl"],
-     ["dataset not found: {tmp}/missing/test.jsonl"], False, None),
-    ("data folder without the split", ["eval", "--model", "x", "--dataset_name", "{tmp}/empty"],
-     ["dataset folder {tmp}/empty has no test.jsonl or test.parquet"], False, None),
-    ("missing input file (score)", ["score", "--input", "{tmp}/missing.jsonl"],
-     ["cannot read {tmp}/missing.jsonl: No such file or directory"], False, None),
+    (
+        "missing data file (eval)",
+        ["eval", "--model", "x", "--dataset_name", "{tmp}/missing/test.jsonl"],
+        ["dataset not found: {tmp}/missing/test.jsonl"],
+        False,
+        None,
+    ),
+    (
+        "data folder without the split",
+        ["eval", "--model", "x", "--dataset_name", "{tmp}/empty"],
+        ["dataset folder {tmp}/empty has no test.jsonl or test.parquet"],
+        False,
+        None,
+    ),
+    (
+        "missing input file (score)",
+        ["score", "--input", "{tmp}/missing.jsonl"],
+        ["cannot read {tmp}/missing.jsonl: No such file or directory"],
+        False,
+        None,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     ("argv", "expected", "needs_model"),
-    [pytest.param(argv, expected, needs_model, id=row, marks=[pytest.mark.xfail(strict=True, reason=why)] if why else [])
-     for row, argv, expected, needs_model, why in CASES],
+    [
+        pytest.param(
+            argv, expected, needs_model, id=row, marks=[pytest.mark.xfail(strict=True, reason=why)] if why else []
+        )
+        for row, argv, expected, needs_model, why in CASES
+    ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(argv, expected, needs_model, tmp, request, capsys):
     model = request.getfixturevalue("embedded_model") if needs_model else "unused"

@@ -38,8 +38,9 @@ def test_every_recipe_loads_on_a_gpu(recipe, fake_gpu, cpu_fp32):
     assert not grpo.use_cpu and grpo.bf16  # bf16 from the GPU, not from the CPU's flags
 
 
-@pytest.mark.parametrize("use_cpu,bf16,expected", [
-    (False, None, (True, False)), (False, True, (True, True)), (True, False, (True, False))])
+@pytest.mark.parametrize(
+    "use_cpu,bf16,expected", [(False, None, (True, False)), (False, True, (True, True)), (True, False, (True, False))]
+)
 def test_cpu_and_bf16_is_consistent_without_a_gpu(use_cpu, bf16, expected, cpu_fp32):
     assert cpu_and_bf16(use_cpu, bf16) == expected
 
@@ -56,7 +57,9 @@ def test_bad_cpu_bf16_override_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_flags_override_recipe():
-    script, grpo, _ = parse_train_args(["--config", "recipes/smoke.yaml", "--max_steps", "7", "--reward_funcs", "correct", "format"])
+    script, grpo, _ = parse_train_args(
+        ["--config", "recipes/smoke.yaml", "--max_steps", "7", "--reward_funcs", "correct", "format"]
+    )
     assert grpo.max_steps == 7 and script.reward_funcs == ["correct", "format"]
 
 
@@ -66,18 +69,21 @@ def run_cli(args, capsys):
     return code, err
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["train", "--model_name_or_path", "./no/such/model"], "model path not found: ./no/such/model"),
-    (["train", "--dataset_name", "./missing/data.jsonl", "--model_name_or_path", "./missing"], "not found"),
-    (["train", "--reward_funcs", "correct", "bogus"], "unknown reward 'bogus'; valid: correct"),
-    (["train", "--no_such_flag", "1"], "no_such_flag"),
-    (["train", "--config", "no/such/recipe.yaml"], "recipe not found"),
-    (["train", "--per_device_train_batch_size", "0"], "per_device_train_batch_size must be a positive integer"),
-    (["train", "--answer_format", "xml"], "answer_format 'xml' is unknown"),
-    (["frobnicate"], "unknown command 'frobnicate'"),
-    (["prepare-model", "--model", "./nope.gguf"], "model path not found"),
-    (["score"], "--input"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["train", "--model_name_or_path", "./no/such/model"], "model path not found: ./no/such/model"),
+        (["train", "--dataset_name", "./missing/data.jsonl", "--model_name_or_path", "./missing"], "not found"),
+        (["train", "--reward_funcs", "correct", "bogus"], "unknown reward 'bogus'; valid: correct"),
+        (["train", "--no_such_flag", "1"], "no_such_flag"),
+        (["train", "--config", "no/such/recipe.yaml"], "recipe not found"),
+        (["train", "--per_device_train_batch_size", "0"], "per_device_train_batch_size must be a positive integer"),
+        (["train", "--answer_format", "xml"], "unknown answer_format 'xml'; valid: tags"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+        (["prepare-model", "--model", "./nope.gguf"], "model path not found"),
+        (["score"], "--input"),
+    ],
+)
 def test_bad_input_one_line_error(args, expected, capsys):
     code, err = run_cli(args, capsys)
     assert code == 2
@@ -105,10 +111,16 @@ def test_score_command_uses_recipe_rewards(tmp_path, capsys, cpu_kind, monkeypat
 
     monkeypatch.setattr(GRPOMathConfig, "__post_init__", no_trainer_config)
     lines = [
-        {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "7",
-         "completion": "<think>\n3 + 4 = 7\n</think>\n<answer>7</answer>"},
-        {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7",
-         "completion": "<answer>8</answer>"},
+        {
+            "question": "Tom has 3 apples and buys 4 more. How many?",
+            "answer": "7",
+            "completion": "<think>\n3 + 4 = 7\n</think>\n<answer>7</answer>",
+        },
+        {
+            "question": "Tom has 3 apples and buys 4 more. How many?",
+            "answer": "3 + 4 = <<3+4=7>>7\n#### 7",
+            "completion": "<answer>8</answer>",
+        },
     ]
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines))
@@ -126,8 +138,11 @@ def test_python_dash_m_is_the_cli():
     assert out.returncode == 0 and "train" in out.stdout and "prepare-model" in out.stdout
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
 def test_every_accelerate_config_parses(path):
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -21,19 +21,29 @@ def test_prompt_never_contains_solution_or_answer(gsm8k_dir):
 
 
 def test_gold_answers_parsed_like_gsm8k(tmp_path):
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"question": "q1", "answer": "a = <<1+2=3>>3\n#### 1,000"},
-        {"question": "q2", "answer": "lost\n#### -3"},
-        {"question": "q3", "answer": "half\n#### 0.5"},
-    ]))
+    (tmp_path / "train.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"question": "q1", "answer": "a = <<1+2=3>>3\n#### 1,000"},
+                {"question": "q2", "answer": "lost\n#### -3"},
+                {"question": "q3", "answer": "half\n#### 0.5"},
+            ]
+        )
+    )
     assert [p.answer for p in load_problems(str(tmp_path))] == ["1000", "-3", "0.5"]
 
 
 def test_bad_row_names_file_and_line_or_is_skipped(tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"question": "ok", "answer": "x\n#### 4"}) + "\n"
-                    + json.dumps({"question": "bad", "answer": "no final line"}) + "\n"
-                    + json.dumps({"answer": "#### 2"}) + "\n")
+    path.write_text(
+        json.dumps({"question": "ok", "answer": "x\n#### 4"})
+        + "\n"
+        + json.dumps({"question": "bad", "answer": "no final line"})
+        + "\n"
+        + json.dumps({"answer": "#### 2"})
+        + "\n"
+    )
     with pytest.raises(UserError, match=r"train.jsonl:2: field 'answer'"):
         load_problems(str(tmp_path))
     assert len(load_problems(str(tmp_path), skip_bad_rows=True)) == 1

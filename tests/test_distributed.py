@@ -6,7 +6,6 @@ About 2-3 minutes on 2 CPU cores.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -26,8 +25,21 @@ def torchrun(*args, timeout=900):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, embedded_model):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    torchrun("train", "--config", "recipes/smoke.yaml", "--max_steps", "1", "--max_completion_length", "16",
-             "--per_device_train_batch_size", "4", "--save_steps", "1", "--output_dir", str(out))
+    torchrun(
+        "train",
+        "--config",
+        "recipes/smoke.yaml",
+        "--max_steps",
+        "1",
+        "--max_completion_length",
+        "16",
+        "--per_device_train_batch_size",
+        "4",
+        "--save_steps",
+        "1",
+        "--output_dir",
+        str(out),
+    )
     return out
 
 
@@ -41,8 +53,19 @@ def test_two_process_training_uses_both_and_leaves_a_loadable_checkpoint(ddp_run
 
 def test_two_process_eval_covers_every_problem_once(ddp_run, tmp_path):
     out = tmp_path / "eval"
-    torchrun("eval", "--model", str(ddp_run), "--dataset_name", "builtin", "--limit", "5",
-             "--max_new_tokens", "8", "--output", str(out))
+    torchrun(
+        "eval",
+        "--model",
+        str(ddp_run),
+        "--dataset_name",
+        "builtin",
+        "--limit",
+        "5",
+        "--max_new_tokens",
+        "8",
+        "--output",
+        str(out),
+    )
     results = json.loads((out / "results.json").read_text())
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert results["world_size"] == 2 and results["data"]["num_problems"] == 5

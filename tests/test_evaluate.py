@@ -11,18 +11,32 @@ from pathlib import Path
 
 import pytest
 
-from grpo_math import cli, evaluate, models
+from grpo_math import UserError, cli, evaluate, models
 from grpo_math.answers import answers_match, extract_flexible
+from grpo_math.callbacks import AccuracyCallback
+from grpo_math.compare import compare_results, format_comparison
+from grpo_math.config import PromptSettings
 from grpo_math.data import Problem
-from grpo_math.evaluate import (
-    compare_results, lm_eval_correct, lm_eval_extract, lm_eval_normalize, majority, pass_at_k, score_problem,
-    sign_test, summarize, wilson, write_results,
+from grpo_math.metrics import (
+    lm_eval_correct,
+    lm_eval_extract,
+    lm_eval_normalize,
+    majority,
+    pass_at_k,
+    score_problem,
+    sign_test,
+    summarize,
+    wilson,
 )
+from grpo_math.runfiles import write_results
 
+NO_REWARDS = PromptSettings(reward_funcs=[])  # the default prompt, no reward parts
 
 
 def problem(i: int, answer: str = "18") -> Problem:
-    return Problem(f"Question {i}: how many eggs does Janet sell?", f"16 - 3 - 4 = 9\n9 * 2 = {answer}", answer, f"t:{i}")
+    return Problem(
+        f"Question {i}: how many eggs does Janet sell?", f"16 - 3 - 4 = 9\n9 * 2 = {answer}", answer, f"t:{i}"
+    )
 
 
 def out(text: str, tokens: int = 10, truncated: bool = False) -> dict:
@@ -35,23 +49,30 @@ WRONG = "<think>16 - 3 = 13\n13 * 2 = 26</think>\n<answer>26</answer>"
 
 # ---- statistics --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("successes, n, expected", [
-    (8, 10, (0.4902, 0.9433)),   # p=0.8: center 0.71675, half-width 0.22658
-    (0, 10, (0.0, 0.2775)),      # no successes: the interval still has width z^2/(n+z^2)
-    (50, 100, (0.4038, 0.5962)),
-    (10, 10, (0.7225, 1.0)),
-])
+
+@pytest.mark.parametrize(
+    "successes, n, expected",
+    [
+        (8, 10, (0.4902, 0.9433)),  # p=0.8: center 0.71675, half-width 0.22658
+        (0, 10, (0.0, 0.2775)),  # no successes: the interval still has width z^2/(n+z^2)
+        (50, 100, (0.4038, 0.5962)),
+        (10, 10, (0.7225, 1.0)),
+    ],
+)
 def test_wilson_matches_hand_computed_values(successes, n, expected):
     assert wilson(successes, n) == expected
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (5, 2, 2, 1 - 3 / 10),      # 1 - C(3,2)/C(5,2)
-    (10, 3, 5, 1 - 21 / 252),   # 1 - C(7,5)/C(10,5)
-    (4, 3, 2, 1.0),             # fewer than k wrong samples: some draw of k always has a right one
-    (4, 0, 4, 0.0),
-    (8, 3, 1, 3 / 8),           # pass@1 is the fraction correct
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+        (4, 3, 2, 1.0),  # fewer than k wrong samples: some draw of k always has a right one
+        (4, 0, 4, 0.0),
+        (8, 3, 1, 3 / 8),  # pass@1 is the fraction correct
+    ],
+)
 def test_pass_at_k_unbiased_estimator(n, c, k, expected):
     assert math.isclose(pass_at_k(n, c, k), expected)
 
@@ -68,12 +89,15 @@ def test_sign_test_is_exact_mcnemar():
     assert sign_test(5, 5) == 1.0
 
 
-@pytest.mark.parametrize("answers, expected", [
-    (["18", "18.0", "7", None], "18"),   # numbers vote by value
-    (["7", "18", "18", "7"], "7"),       # a tie goes to the earliest answer
-    ([None, None], None),
-    (["$1,200", "1200", "12"], "$1,200"),
-])
+@pytest.mark.parametrize(
+    "answers, expected",
+    [
+        (["18", "18.0", "7", None], "18"),  # numbers vote by value
+        (["7", "18", "18", "7"], "7"),  # a tie goes to the earliest answer
+        ([None, None], None),
+        (["$1,200", "1200", "12"], "$1,200"),
+    ],
+)
 def test_majority_vote(answers, expected):
     assert majority(answers) == expected
 
@@ -89,30 +113,37 @@ def test_maj_pass_mean_at_k_from_samples():
 
 # ---- lm-evaluation-harness gsm8k ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, mode, expected", [
-    ("Natalia sold 48/2 = 24 clips.\n#### 1,234", "strict", "1,234"),
-    ("#### 5\nthen #### 6", "strict", "5"),                     # strict-match takes the first match
-    ("The answer is 18.", "strict", None),                      # no '#### ' -> [invalid]
-    ("####5", "strict", None),                                  # the space is part of the pattern
-    ("She makes 9 * 2 = 18 dollars. The answer is 18.", "flexible", "18."),  # last match
-    ("x = 5", "flexible", "5"),                                 # single digits via the second group
-    ("He loses 8 - 11 = -3", "flexible", "-3"),
-    ("Total: $1,200.00", "flexible", "$1,200.00"),
-    ("So 18.\n\nQuestion: Tom has 5 apples", "flexible", "18."),  # cut at lm-eval's stop sequence
-    ("no digits here", "flexible", None),
-])
+
+@pytest.mark.parametrize(
+    "text, mode, expected",
+    [
+        ("Natalia sold 48/2 = 24 clips.\n#### 1,234", "strict", "1,234"),
+        ("#### 5\nthen #### 6", "strict", "5"),  # strict-match takes the first match
+        ("The answer is 18.", "strict", None),  # no '#### ' -> [invalid]
+        ("####5", "strict", None),  # the space is part of the pattern
+        ("She makes 9 * 2 = 18 dollars. The answer is 18.", "flexible", "18."),  # last match
+        ("x = 5", "flexible", "5"),  # single digits via the second group
+        ("He loses 8 - 11 = -3", "flexible", "-3"),
+        ("Total: $1,200.00", "flexible", "$1,200.00"),
+        ("So 18.\n\nQuestion: Tom has 5 apples", "flexible", "18."),  # cut at lm-eval's stop sequence
+        ("no digits here", "flexible", None),
+    ],
+)
 def test_lm_eval_extraction(text, mode, expected):
     assert lm_eval_extract(text, mode) == expected
 
 
-@pytest.mark.parametrize("pred, gold, expected", [
-    ("1,234", "1234", True),
-    ("18.", "18", True),            # trailing '.' is ignored
-    ("$1,200.", "1200", True),
-    ("$1,200.00", "1200", False),   # lm-eval compares strings: 1200.00 != 1200
-    ("18.0", "18", False),
-    (None, "18", False),            # [invalid]
-])
+@pytest.mark.parametrize(
+    "pred, gold, expected",
+    [
+        ("1,234", "1234", True),
+        ("18.", "18", True),  # trailing '.' is ignored
+        ("$1,200.", "1200", True),
+        ("$1,200.00", "1200", False),  # lm-eval compares strings: 1200.00 != 1200
+        ("18.0", "18", False),
+        (None, "18", False),  # [invalid]
+    ],
+)
 def test_lm_eval_exact_match(pred, gold, expected):
     assert lm_eval_correct(pred, gold) is expected
 
@@ -147,6 +178,7 @@ def test_known_difference_ours_compares_numbers_lm_eval_strings():
 
 # ---- scoring and metrics -----------------------------------------------------------------------------------
 
+
 def test_score_problem_records_answers_correctness_and_reward_parts():
     record = score_problem(3, problem(3), [out(RIGHT, tokens=20)], "tags", ["correct", "format"], [1.0, 0.5])
     [c] = record["completions"]
@@ -164,9 +196,9 @@ def test_summarize_metrics_and_ci():
         score_problem(3, problem(3), [out("<answer>18</answer> or <answer>19</answer>", tokens=40)], "tags"),
     ]
     metrics, ci = summarize(records)
-    assert metrics["strict_accuracy"] == 0.25         # only the first
-    assert metrics["flexible_accuracy"] == 0.5        # first and third (last number 18); the fourth ends in 19
-    assert metrics["format_rate"] == 0.5              # no marker / disagreeing markers are not formatted
+    assert metrics["strict_accuracy"] == 0.25  # only the first
+    assert metrics["flexible_accuracy"] == 0.5  # first and third (last number 18); the fourth ends in 19
+    assert metrics["format_rate"] == 0.5  # no marker / disagreeing markers are not formatted
     assert metrics["truncation_rate"] == 0.25
     assert metrics["mean_completion_tokens"] == 25
     assert metrics["lm_eval_strict"] == 0.0 and metrics["lm_eval_flexible"] == 0.5
@@ -174,6 +206,7 @@ def test_summarize_metrics_and_ci():
 
 
 # ---- evaluate_model and the in-training callback (fake generation) ----------------------------------------
+
 
 class FakeTokenizer:
     padding_side = "right"
@@ -194,12 +227,24 @@ def question_index() -> dict[str, tuple[int, str]]:
     """question -> (index, gold) for the synthetic problems and the builtin set."""
     from grpo_math.data import load_problems
 
-    return {p.question: (i, p.answer) for problems in ([problem(i) for i in range(100)], load_problems("builtin"))
-            for i, p in enumerate(problems)}
+    return {
+        p.question: (i, p.answer)
+        for problems in ([problem(i) for i in range(100)], load_problems("builtin"))
+        for i, p in enumerate(problems)
+    }
 
 
-def fake_generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, num_samples=1, batch_size=16,
-                  top_p=1.0, progress=None):
+def fake_generate(
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens=256,
+    temperature=0.0,
+    num_samples=1,
+    batch_size=16,
+    top_p=1.0,
+    progress=None,
+):
     """Even-numbered problems right for every model; odd ones right only for a model named 'trained'."""
     assert tokenizer.padding_side == "left"
     known, results = question_index(), []
@@ -216,33 +261,37 @@ def fake_generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0
 @pytest.fixture
 def fake_models(monkeypatch):
     monkeypatch.setattr(models, "generate", fake_generate)
-    monkeypatch.setattr(models, "load_model",
-                        lambda name, dtype="auto", device=None: (FakeModel(name), FakeTokenizer(), f"/fake/{name}"))
+    monkeypatch.setattr(
+        models,
+        "load_model",
+        lambda name, dtype="auto", device=None: (FakeModel(name), FakeTokenizer(), f"/fake/{name}"),
+    )
 
 
 def test_evaluate_model_builds_training_prompts_and_restores_padding(fake_models):
     tokenizer = FakeTokenizer()
-    metrics, samples = evaluate.evaluate_model(FakeModel("base"), tokenizer, [problem(i) for i in range(4)], "tags")
+    metrics, samples = evaluate.evaluate_model(
+        FakeModel("base"), tokenizer, [problem(i) for i in range(4)], NO_REWARDS
+    )
     assert metrics["strict_accuracy"] == 0.5 and [s["index"] for s in samples] == [0, 1, 2, 3]
     assert tokenizer.padding_side == "right"
-    with pytest.raises(evaluate.UserError, match="temperature > 0"):
-        evaluate.evaluate_model(FakeModel(), tokenizer, [problem(0)], samples=4)
+    with pytest.raises(UserError, match="temperature > 0"):
+        evaluate.Sampling(samples=4)
 
 
 def test_accuracy_callback_logs_through_the_trainer(fake_models):
     from transformers import TrainerControl, TrainerState
 
-    callback = evaluate.AccuracyCallback([problem(i) for i in range(4)], every_steps=2, answer_format="tags")
+    callback = AccuracyCallback([problem(i) for i in range(4)], every_steps=2, prompt=NO_REWARDS)
     model, state, control = FakeModel("base"), TrainerState(), TrainerControl()
     callback.trainer = type("Trainer", (), {"_metrics": {"train": defaultdict(list), "eval": defaultdict(list)}})()
     state.global_step = 1
     callback.on_step_end(None, state, control, model=model, processing_class=FakeTokenizer())
-    assert not control.should_log and not callback.history
+    assert not control.should_log and not callback.trainer._metrics["train"]
     state.global_step = 2
     callback.on_step_end(None, state, control, model=model, processing_class=FakeTokenizer())
     assert control.should_log and model.training
     assert callback.trainer._metrics["train"]["eval/strict_accuracy"] == [0.5]
-    assert callback.history[0]["step"] == 2
 
     callback.trainer = None  # without a trainer: added to the logs of the next on_log
     state.global_step, state.log_history = 4, [{"loss": 1.0, "step": 4}]
@@ -254,9 +303,13 @@ def test_accuracy_callback_logs_through_the_trainer(fake_models):
 
 # ---- grpo-math eval / compare --------------------------------------------------------------------------
 
+
 def test_eval_command_writes_results_and_samples(fake_models, tmp_path, capsys):
     folder = tmp_path / "ev"
-    assert cli.main(["eval", "--model", "base", "--dataset_name", "builtin", "--limit", "6", "--output", str(folder)]) == 0
+    assert (
+        cli.main(["eval", "--model", "base", "--dataset_name", "builtin", "--limit", "6", "--output", str(folder)])
+        == 0
+    )
     results = json.loads((folder / "results.json").read_text())
     samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and results["data"]["num_problems"] == 6
@@ -270,8 +323,19 @@ def test_eval_command_writes_results_and_samples(fake_models, tmp_path, capsys):
 
 def test_eval_command_before_after(fake_models, tmp_path, capsys):
     folder = tmp_path / "ba"
-    argv = ["eval", "--model", "base", "--before-after", "trained", "--dataset_name", "builtin", "--limit", "8",
-            "--output", str(folder)]
+    argv = [
+        "eval",
+        "--model",
+        "base",
+        "--before-after",
+        "trained",
+        "--dataset_name",
+        "builtin",
+        "--limit",
+        "8",
+        "--output",
+        str(folder),
+    ]
     assert cli.main(argv) == 0
     comparison = json.loads((folder / "compare.json").read_text())
     row = next(r for r in comparison["rows"] if r["metric"] == "strict_accuracy")
@@ -280,11 +344,14 @@ def test_eval_command_before_after(fake_models, tmp_path, capsys):
     assert (folder / "base" / "results.json").is_file() and (folder / "final" / "samples.jsonl").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["eval", "--samples", "4"], "needs --temperature"),
-    (["eval", "--limit", "0"], "must be >= 1"),
-    (["compare", "no/such/a", "no/such/b"], "not an eval folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--samples", "4"], "needs --temperature"),
+        (["eval", "--limit", "0"], "must be >= 1"),
+        (["compare", "no/such/a", "no/such/b"], "not an eval folder"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
@@ -293,8 +360,13 @@ def test_bad_input_is_a_one_line_error(argv, message, capsys):
 def make_folder(path: Path, right: set[int], n: int = 100) -> Path:
     records = [score_problem(i, problem(i), [out(RIGHT if i in right else WRONG)], "tags") for i in range(n)]
     metrics, ci = summarize(records)
-    results = {"metrics": metrics, "ci95": ci, "model": path.name, "data": {"problems_sha1": "x", "num_problems": n},
-               "settings": {"eval_version": evaluate.EVAL_VERSION, "answer_format": "tags"}}
+    results = {
+        "metrics": metrics,
+        "ci95": ci,
+        "model": path.name,
+        "data": {"problems_sha1": "x", "num_problems": n},
+        "settings": {"eval_version": evaluate.EVAL_VERSION, "answer_format": "tags"},
+    }
     write_results(path, results, records)
     return path
 
@@ -307,7 +379,7 @@ def test_compare_flags_a_planted_improvement(tmp_path):
     assert row["significant"] and row["p_value"] < 1e-9 and math.isclose(row["difference"], 0.4)
     assert [f["index"] for f in comparison["flips"]] == list(range(30, 70))
     assert all(f["a"] == 0 and f["b"] == 1 for f in comparison["flips"])
-    assert "40 better in B" in evaluate.format_comparison(comparison)
+    assert "40 better in B" in format_comparison(comparison)
 
 
 def test_compare_identical_and_small_differences_are_not_significant(tmp_path):
@@ -330,12 +402,28 @@ def test_compare_pairs_only_shared_problems(tmp_path, capsys):
 
 # ---- the embedded model on real GSM8K (about 30 s once converted) ----------------------------------------
 
+
 def test_tiny_embedded_eval(tmp_path, capsys, embedded_model, gsm8k_dir, cpu_kind):
     folder = tmp_path / "embedded"
-    argv = ["eval", "--model", "embedded", "--dataset_name", str(gsm8k_dir), "--limit", "3", "--max_new_tokens", "16",
-            "--output", str(folder)]
+    argv = [
+        "eval",
+        "--model",
+        "embedded",
+        "--dataset_name",
+        str(gsm8k_dir),
+        "--limit",
+        "3",
+        "--max_new_tokens",
+        "16",
+        "--output",
+        str(folder),
+    ]
     assert cli.main(argv) == 0
     results = json.loads((folder / "results.json").read_text())
-    assert results["settings"]["dtype"] == "auto" and results["dtype"] == ("bfloat16" if cpu_kind == "cpu-bf16" else "float32")
+    assert results["settings"]["dtype"] == "auto" and results["dtype"] == (
+        "bfloat16" if cpu_kind == "cpu-bf16" else "float32"
+    )
     assert results["data"]["num_problems"] == 3 and results["generated_tokens"] > 0
-    assert all(len(json.loads(line)["completions"]) == 1 for line in (folder / "samples.jsonl").read_text().splitlines())
+    assert all(
+        len(json.loads(line)["completions"]) == 1 for line in (folder / "samples.jsonl").read_text().splitlines()
+    )

@@ -14,9 +14,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import JANET
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_rewards import JANET, RANGES  # the documented range of every reward
 
 from grpo_math import answers
 from grpo_math.answers import (
@@ -29,7 +29,7 @@ from grpo_math.answers import (
     parse_number,
 )
 from grpo_math.data import format_solution
-from grpo_math.rewards import MAX_STEP_CHARS, REWARDS, get_reward_funcs
+from grpo_math.rewards import MAX_STEP_CHARS, RANGES, REWARDS, get_reward_funcs  # RANGES: each reward's range
 
 SCALE = int(os.environ.get("GRPO_MATH_FUZZ_SCALE", "1"))
 CALL_LIMIT_S = 1.0  # one reward call on one completion (or one extractor call), math_verify not involved
@@ -39,8 +39,13 @@ FUNCS = {fmt: get_reward_funcs(list(REWARDS), fmt) for fmt in ANSWER_FORMATS}
 
 
 def fuzz(examples: int):
-    return settings(max_examples=examples * SCALE, deadline=None, derandomize=SCALE == 1, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=examples * SCALE,
+        deadline=None,
+        derandomize=SCALE == 1,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # --- strategies ---------------------------------------------------------------------------------------------------
@@ -48,32 +53,126 @@ def fuzz(examples: int):
 BIG = st.one_of(st.sampled_from([1_000, 20_000]), st.integers(100, 20_000))  # sizes of the hostile families
 UNICODE_DIGITS = st.text(st.characters(categories=["Nd"]), min_size=1, max_size=12)  # Arabic-Indic, full-width...
 NUMBERS = st.one_of(
-    st.integers(-10**6, 10**6).map(str),
+    st.integers(-(10**6), 10**6).map(str),
     st.integers().map(str),
-    st.integers(-10**12, 10**12).map(lambda n: f"{n:,}"),
+    st.integers(-(10**12), 10**12).map(lambda n: f"{n:,}"),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.fractions(max_denominator=1000).map(str),
     st.integers(1, 400).map(lambda n: "9" * n),
     st.integers(2, 8).map(lambda n: "^".join(["9"] * n)),
     UNICODE_DIGITS,
-    st.sampled_from(["-0", "+.5", "1e308", "1e-400", "inf", "-inf", "nan", "1/0", "0/0", "$1,000.50", "\u22123", "50%",
-                     "\\frac{1}{0}", "\\frac{3}{4}", "1{,}000", "1,00", "3.", "100000!", ".", "-", "$"]),
+    st.sampled_from(
+        [
+            "-0",
+            "+.5",
+            "1e308",
+            "1e-400",
+            "inf",
+            "-inf",
+            "nan",
+            "1/0",
+            "0/0",
+            "$1,000.50",
+            "\u22123",
+            "50%",
+            "\\frac{1}{0}",
+            "\\frac{3}{4}",
+            "1{,}000",
+            "1,00",
+            "3.",
+            "100000!",
+            ".",
+            "-",
+            "$",
+        ]
+    ),
 )
-FRAGMENTS = st.sampled_from([
-    "<answer>", "</answer>", "<think>", "</think>", "####", "\\boxed{", "{", "}", "(", ")", "[", "]", "=", " = ", "+",
-    "-", "*", "/", " x ", "\u00d7", "\u00f7", "\u2212", "%", "$", "\\$", ",", ".", ":", "\n", " ", "\t", "<<", ">>",
-    "\\frac{", "}{", "\\sqrt{", "\\sum_{i=1}^{n}", "\\int", "\\left(", "\\right)", "\\times", "\\cdot", "^", "!",
-    " equals ", " times ", " percent", " dozen", " eggs", "half", "three", "\\text{", "$$", "\u0664", "\uff14", "\u200b",
-])
+FRAGMENTS = st.sampled_from(
+    [
+        "<answer>",
+        "</answer>",
+        "<think>",
+        "</think>",
+        "####",
+        "\\boxed{",
+        "{",
+        "}",
+        "(",
+        ")",
+        "[",
+        "]",
+        "=",
+        " = ",
+        "+",
+        "-",
+        "*",
+        "/",
+        " x ",
+        "\u00d7",
+        "\u00f7",
+        "\u2212",
+        "%",
+        "$",
+        "\\$",
+        ",",
+        ".",
+        ":",
+        "\n",
+        " ",
+        "\t",
+        "<<",
+        ">>",
+        "\\frac{",
+        "}{",
+        "\\sqrt{",
+        "\\sum_{i=1}^{n}",
+        "\\int",
+        "\\left(",
+        "\\right)",
+        "\\times",
+        "\\cdot",
+        "^",
+        "!",
+        " equals ",
+        " times ",
+        " percent",
+        " dozen",
+        " eggs",
+        "half",
+        "three",
+        "\\text{",
+        "$$",
+        "\u0664",
+        "\uff14",
+        "\u200b",
+    ]
+)
 MATHY = st.lists(st.one_of(FRAGMENTS, NUMBERS, st.text(max_size=4)), max_size=80).map("".join)
 RANDOM_TEXT = st.text(max_size=400)
-WORDS = st.sampled_from("Tom has apples and buys more eggs per day half twice three dozen of the $ % each week "
-                        "sells for How many does she make in total ? . ,".split())
-PROSE = st.lists(st.one_of(WORDS, WORDS, st.integers(0, 10**6).map(str), st.sampled_from(["$5", "50%", "1,200", "3.5"])),
-                 min_size=1, max_size=60).map(" ".join)  # question-like text without equations
+WORDS = st.sampled_from(
+    "Tom has apples and buys more eggs per day half twice three dozen of the $ % each week "
+    "sells for How many does she make in total ? . ,".split()
+)
+PROSE = st.lists(
+    st.one_of(WORDS, WORDS, st.integers(0, 10**6).map(str), st.sampled_from(["$5", "50%", "1,200", "3.5"])),
+    min_size=1,
+    max_size=60,
+).map(" ".join)  # question-like text without equations
 
-PAIRS = [("(", ")"), ("{", "}"), ("[", "]"), ("<think>", "</think>"), ("<answer>", "</answer>"), ("\\boxed{", "}"),
-         ("\\frac{", "}{2}"), ("\\sqrt{", "}"), ("\\left(", "\\right)"), ("<<", ">>"), ("$", "$"), ("1+(", ")")]
+PAIRS = [
+    ("(", ")"),
+    ("{", "}"),
+    ("[", "]"),
+    ("<think>", "</think>"),
+    ("<answer>", "</answer>"),
+    ("\\boxed{", "}"),
+    ("\\frac{", "}{2}"),
+    ("\\sqrt{", "}"),
+    ("\\left(", "\\right)"),
+    ("<<", ">>"),
+    ("$", "$"),
+    ("1+(", ")"),
+]
 TAILS = st.sampled_from(["", " = 2", " = 18", "\n#### 18", "<answer>18</answer>", "\\boxed{18}"])
 
 
@@ -122,7 +221,9 @@ LATEX = st.recursive(
         st.builds("\\prod_{{i=1}}^{{{}}} {}".format, inner, inner),
         st.builds("\\int_0^{{{}}} {} dx".format, inner, inner),
         st.builds("\\binom{{{}}}{{{}}}".format, inner, inner),
-        st.builds("\\{}({})".format, st.sampled_from(["exp", "log", "ln", "sin", "cosh", "Gamma", "zeta", "tan"]), inner),
+        st.builds(
+            "\\{}({})".format, st.sampled_from(["exp", "log", "ln", "sin", "cosh", "Gamma", "zeta", "tan"]), inner
+        ),
         st.builds("\\left({}\\right)".format, inner),
         st.builds("{} \\cdot {}".format, inner, inner),
         st.builds("{} \\times {}".format, inner, inner),
@@ -135,7 +236,8 @@ LATEX = st.recursive(
 
 HOSTILE = {
     "huge numbers": BIG.map(lambda n: "9" * n) | st.integers(10, 4000).map(lambda n: str(7**n)),
-    "power towers": st.integers(3, 500).map(lambda n: "^".join(["9"] * n)) | st.integers(3, 200).map(lambda n: "**".join(["9"] * n)),
+    "power towers": st.integers(3, 500).map(lambda n: "^".join(["9"] * n))
+    | st.integers(3, 200).map(lambda n: "**".join(["9"] * n)),
     "deep nesting": nested(closed=True),
     "unclosed markers": nested(closed=False),
     "100k-character lines": long_line(),
@@ -144,14 +246,28 @@ HOSTILE = {
     "many answers": many_answers(),
 }
 TEXT = st.one_of(RANDOM_TEXT, MATHY, *HOSTILE.values())
-TEMPLATES = st.sampled_from([
-    "{}", "<answer>{}</answer>", "<think>{}</think>\n<answer>{}</answer>", "<think>\n{}\n</think>\n<answer>18</answer>",
-    "{}\n#### {}", "The answer is $\\boxed{{{}}}$.", "<answer>{}", "{}</answer>", "<think>{}",
-])
+TEMPLATES = st.sampled_from(
+    [
+        "{}",
+        "<answer>{}</answer>",
+        "<think>{}</think>\n<answer>{}</answer>",
+        "<think>\n{}\n</think>\n<answer>18</answer>",
+        "{}\n#### {}",
+        "The answer is $\\boxed{{{}}}$.",
+        "<answer>{}",
+        "{}</answer>",
+        "<think>{}",
+    ]
+)
 COMPLETIONS = st.builds(lambda template, text: template.replace("{}", text), TEMPLATES, TEXT)
-GOLDS = st.one_of(st.integers(-10**9, 10**9).map(str), st.decimals(-10**6, 10**6, places=2).map(str),
-                  st.sampled_from(["18", "0", "-3", "0.5", "1000", "... <<9*2=18>>18\n#### 18"]))
-QUESTIONS = st.one_of(st.just(JANET), PROSE, RANDOM_TEXT, MATHY, HOSTILE["100k-character lines"], HOSTILE["huge numbers"])
+GOLDS = st.one_of(
+    st.integers(-(10**9), 10**9).map(str),
+    st.decimals(-(10**6), 10**6, places=2).map(str),
+    st.sampled_from(["18", "0", "-3", "0.5", "1000", "... <<9*2=18>>18\n#### 18"]),
+)
+QUESTIONS = st.one_of(
+    st.just(JANET), PROSE, RANDOM_TEXT, MATHY, HOSTILE["100k-character lines"], HOSTILE["huge numbers"]
+)
 
 
 # --- the checks ---------------------------------------------------------------------------------------------------
@@ -188,7 +304,10 @@ def check_rewards(completion: str, gold: str, question: str, answer_format: str,
             note("reached math_verify")
         low, high = RANGES[f.__name__]
         assert len(values) == 2 and values[0] == values[1], (f.__name__, values)
-        assert isinstance(values[0], float) and math.isfinite(values[0]) and low <= values[0] <= high, (f.__name__, values)
+        assert isinstance(values[0], float) and math.isfinite(values[0]) and low <= values[0] <= high, (
+            f.__name__,
+            values,
+        )
         limit = 2 * (VERIFY_LIMIT_S if verified else CALL_LIMIT_S) + slack  # two completions per call
         assert elapsed < limit, (f.__name__, answer_format, f"{elapsed:.2f} s", completion[:80])
 
@@ -247,8 +366,11 @@ def test_rewards_and_math_verify_are_bounded_in_worker_threads(completions, gold
     A call may also wait for the other thread's math_verify call (and a restart of the worker) to finish."""
     wrapped = [f"<think>{c}</think>\n<answer>{c}</answer>" for c in completions]
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(check_rewards, text, gold, JANET, fmt, VERIFY_LIMIT_S + RESTART_S)
-                for text in wrapped for fmt in ("tags", "boxed")]
+        jobs = [
+            pool.submit(check_rewards, text, gold, JANET, fmt, VERIFY_LIMIT_S + RESTART_S)
+            for text in wrapped
+            for fmt in ("tags", "boxed")
+        ]
         jobs += [pool.submit(check_extractors, text, VERIFY_LIMIT_S + RESTART_S) for text in completions]
         for job in jobs:
             job.result(timeout=120)
@@ -266,12 +388,14 @@ def test_latex_answers_are_guarded_or_time_limited(latex):
 
 # --- properties the fixed examples cannot cover -------------------------------------------------------------------
 
-MARKERLESS = st.text(max_size=300).filter(lambda s: not any(m in s for m in ("<answer>", "</answer>", "####", "\\boxed")))
+MARKERLESS = st.text(max_size=300).filter(
+    lambda s: not any(m in s for m in ("<answer>", "</answer>", "####", "\\boxed"))
+)
 
 
 @pytest.mark.parametrize("answer_format", ANSWER_FORMATS)
 @fuzz(60)
-@given(reasoning=MARKERLESS, gold=st.integers(-10**12, 10**12))
+@given(reasoning=MARKERLESS, gold=st.integers(-(10**12), 10**12))
 def test_reference_rewritten_in_the_asked_format_is_correct_and_off_by_one_is_not(answer_format, reasoning, gold):
     correct, correct_pm1 = get_reward_funcs(["correct", "correct_pm1"], answer_format)
     completion = format_solution(reasoning, str(gold), answer_format)
@@ -281,21 +405,30 @@ def test_reference_rewritten_in_the_asked_format_is_correct_and_off_by_one_is_no
     assert correct_pm1([completion], answer=[str(gold + 1)]) == [-1.0]
 
 
-@given(n=st.integers(-10**15, 10**15), cents=st.integers(0, 99))
+@given(n=st.integers(-(10**15), 10**15), cents=st.integers(0, 99))
 @fuzz(200)
 def test_number_spellings_parse_to_the_same_value(n, cents):
     value = n + math.copysign(cents / 100, n) if n else cents / 100
     plain = f"{value:.2f}"
-    for spelling in (plain, f"{value:,.2f}", f"${value:,.2f}".replace("$-", "-$"), plain.replace("-", "\u2212"),
-                     plain + " ", f" {plain}."):
+    for spelling in (
+        plain,
+        f"{value:,.2f}",
+        f"${value:,.2f}".replace("$-", "-$"),
+        plain.replace("-", "\u2212"),
+        plain + " ",
+        f" {plain}.",
+    ):
         assert parse_number(spelling) == pytest.approx(float(plain), rel=1e-12), spelling
         assert answers_match(spelling, plain)
 
 
 @pytest.mark.parametrize("answer_format", ANSWER_FORMATS)
 @fuzz(80)
-@given(values=st.lists(st.integers(-1000, 1000), min_size=2, max_size=30, unique=True), reasoning=MARKERLESS,
-       data=st.data())
+@given(
+    values=st.lists(st.integers(-1000, 1000), min_size=2, max_size=30, unique=True),
+    reasoning=MARKERLESS,
+    data=st.data(),
+)
 def test_hedging_over_different_answers_never_earns_correctness(answer_format, values, reasoning, data):
     """However the gold hides among other answers (any position, any count), `correct` pays nothing."""
     gold = data.draw(st.sampled_from(values))
@@ -307,12 +440,21 @@ def test_hedging_over_different_answers_never_earns_correctness(answer_format, v
     assert correct_pm1([completion], answer=[str(gold)]) == [-1.0]
 
 
-LINES = st.lists(st.one_of(
-    st.builds(lambda a, op, b, c: f"{a} {op} {b} = {c}", st.integers(0, 200), st.sampled_from("+-*/x"),
-              st.integers(1, 200), st.integers(-100, 40_000)),
-    st.builds(lambda a, b: f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}", st.integers(0, 999), st.integers(0, 999)),
-    MARKERLESS,
-), min_size=1, max_size=12).map("\n".join)
+LINES = st.lists(
+    st.one_of(
+        st.builds(
+            lambda a, op, b, c: f"{a} {op} {b} = {c}",
+            st.integers(0, 200),
+            st.sampled_from("+-*/x"),
+            st.integers(1, 200),
+            st.integers(-100, 40_000),
+        ),
+        st.builds(lambda a, b: f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}", st.integers(0, 999), st.integers(0, 999)),
+        MARKERLESS,
+    ),
+    min_size=1,
+    max_size=12,
+).map("\n".join)
 
 
 @pytest.mark.parametrize("answer_format", ANSWER_FORMATS)
@@ -331,8 +473,18 @@ def test_repeating_a_completion_never_raises_any_reward(answer_format, lines, co
 @st.composite
 def derivation(draw):
     """(question, lines): true `a op b = c` lines, some with digits added to the result (wrong, true prefix)."""
-    rows = draw(st.lists(st.tuples(st.integers(3, 999), st.sampled_from("+*"), st.integers(3, 999),
-                                   st.sampled_from(["", "", "0", "5", ".5"])), min_size=1, max_size=8))
+    rows = draw(
+        st.lists(
+            st.tuples(
+                st.integers(3, 999),
+                st.sampled_from("+*"),
+                st.integers(3, 999),
+                st.sampled_from(["", "", "0", "5", ".5"]),
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
     lines = [f"{a} {op} {b} = {a + b if op == '+' else a * b}{extra}" for a, op, b, extra in rows]
     return " ".join(f"{a} and {b}" for a, _, b, _ in rows), "\n".join(lines)
 

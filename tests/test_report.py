@@ -15,8 +15,16 @@ from grpo_math.cli import main
 from grpo_math.report import load_run, report_command
 
 RUN = Path(__file__).parent / "fixtures" / "run"
-PLOTS = ["reward.png", "reward_parts.png", "completion_length.png", "zero_std.png", "kl.png", "sft.png",
-         "eval_accuracy.png", "before_after.png"]
+PLOTS = [
+    "reward.png",
+    "reward_parts.png",
+    "completion_length.png",
+    "zero_std.png",
+    "kl.png",
+    "sft.png",
+    "eval_accuracy.png",
+    "before_after.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +68,17 @@ def test_trl_parquet_completions(tmp_path):
     shutil.copy(RUN / "metrics.jsonl", tmp_path)
     shutil.copy(RUN / "grpo_math_config.yaml", tmp_path)
     (tmp_path / "completions").mkdir()
-    row = {"step": 2, "prompt": [{"role": "user", "content": "Half of 48?"}],
-           "completion": [{"role": "assistant", "content": "<think>48/2 = 24</think>\n<answer>24</answer>"}],
-           "correct": 1.0, "format_soft": 1.0, "steps": 1.0, "repetition": 0.0, "length": 0.0, "advantage": 0.5}
+    row = {
+        "step": 2,
+        "prompt": [{"role": "user", "content": "Half of 48?"}],
+        "completion": [{"role": "assistant", "content": "<think>48/2 = 24</think>\n<answer>24</answer>"}],
+        "correct": 1.0,
+        "format_soft": 1.0,
+        "steps": 1.0,
+        "repetition": 0.0,
+        "length": 0.0,
+        "advantage": 0.5,
+    }
     pq.write_table(pa.Table.from_pylist([row]), tmp_path / "completions" / "completions_00002.parquet")
     [completion] = load_run(tmp_path).completions
     assert completion["question"] == "Half of 48?" and completion["rewards"]["correct"] == 1.0
@@ -84,13 +100,29 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
 
 # ---- headless Chromium -------------------------------------------------------------------------------------
 
+
 def chromium(page: Path, tmp_path: Path) -> tuple[str, str]:
     """(DOM after the load event, browser log) of a local page."""
     done = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout, done.stderr
 

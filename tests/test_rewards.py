@@ -2,27 +2,24 @@
 
 import json
 import math
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import JANET
 
 from grpo_math import rewards
-from grpo_math.answers import parse_number, split_solution
-from grpo_math.rewards import PRESETS, REWARDS, find_steps, get_reward_funcs, score_rows
+from grpo_math.answers import ANSWER_FORMATS, parse_number, split_solution
+from grpo_math.rewards import PRESETS, RANGES, REWARDS, find_steps, get_reward_funcs, score_rows
 
-RANGES = {
-    "correct": (0, 1), "correct_pm1": (-1, 1), "format": (0, 1), "format_soft": (0, 1), "steps": (0, 1),
-    "steps_count": (0, 1), "numbers_used": (0, 1), "repetition": (-1, 0), "length": (-1, 0),
-}
 ALL = list(REWARDS)
 
-JANET = ("Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
-         "her friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh "
-         "duck egg. How much in dollars does she make every day at the farmers' market?")
-JANET_REASONING = ("Janet's ducks lay 16 eggs a day and she uses 3 + 4 = 7 of them.\n"
-                   "So she sells 16 - 7 = 9 eggs.\n"
-                   "At $2 per egg she makes 9 * 2 = $18 every day.")
+JANET_REASONING = (
+    "Janet's ducks lay 16 eggs a day and she uses 3 + 4 = 7 of them.\n"
+    "So she sells 16 - 7 = 9 eggs.\n"
+    "At $2 per egg she makes 9 * 2 = $18 every day."
+)
 GOOD = f"<think>\n{JANET_REASONING}\n</think>\n<answer>18</answer>"
 NATALIA = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 
@@ -59,8 +56,24 @@ def test_factories_keep_registry_names_for_trl_logging(answer_format):
 
 def test_every_reward_has_a_documented_range_and_presets_use_known_names():
     assert set(RANGES) == set(REWARDS)
+    assert all(low < high for low, high in RANGES.values())
+    for answer_format in ANSWER_FORMATS:
+        assert {f.__name__: f.range for f in get_reward_funcs(ALL, answer_format)} == RANGES
     assert all(set(weights) <= set(REWARDS) for weights in PRESETS.values())
     assert {"default", "notebook"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("answer_format", ANSWER_FORMATS)
+@pytest.mark.parametrize("name", ALL)
+def test_every_reward_is_picklable(name, answer_format):
+    """TRL keeps reward functions that pickle (module-level functions, partials of them, small classes): a lambda
+    or a closure inside a reward fails here."""
+    [f] = get_reward_funcs([name], answer_format)
+    copy = pickle.loads(pickle.dumps(f))
+    assert (copy.__name__, copy.range, copy.__doc__) == (f.__name__, f.range, f.__doc__)
+    completions = [GOOD, GOOD.replace(">18<", ">17<"), "<think>" * 5000 + "1+" * 5000 + "1 = 2<answer>18"]
+    kwargs = {"answer": ["18"] * 3, "question": [JANET] * 3}
+    assert copy(completions, **kwargs) == f(completions, **kwargs)
 
 
 def test_string_and_conversational_completions_score_the_same():
@@ -71,17 +84,26 @@ def test_string_and_conversational_completions_score_the_same():
 
 
 def test_trl_keyword_arguments_are_accepted():
-    kwargs = {"prompts": [[{"role": "user", "content": JANET}]], "solution": ["..."], "completion_ids": [[1, 2]],
-              "trainer_state": None, "question": [JANET]}
+    kwargs = {
+        "prompts": [[{"role": "user", "content": JANET}]],
+        "solution": ["..."],
+        "completion_ids": [[1, 2]],
+        "trainer_state": None,
+        "question": [JANET],
+    }
     assert rewards.correct([GOOD], answer=["18"], **kwargs) == [1.0]
 
 
 def test_score_rows_accepts_raw_gsm8k_answers_and_weights():
-    rows = [{"question": JANET, "answer": "... = <<9*2=18>>18\n#### 18", "completion": GOOD},
-            {"question": JANET, "answer": "18", "completion": "<answer>17</answer>"}]
+    rows = [
+        {"question": JANET, "answer": "... = <<9*2=18>>18\n#### 18", "completion": GOOD},
+        {"question": JANET, "answer": "18", "completion": "<answer>17</answer>"},
+    ]
     scored = score_rows(rows, ["correct", "format"], [2.0, 0.5])
-    assert scored == [{"total": 2.5, "parts": {"correct": 1.0, "format": 1.0}},
-                      {"total": 0.0, "parts": {"correct": 0.0, "format": 0.0}}]
+    assert scored == [
+        {"total": 2.5, "parts": {"correct": 1.0, "format": 1.0}},
+        {"total": 0.0, "parts": {"correct": 0.0, "format": 0.0}},
+    ]
     with pytest.raises(ValueError, match="reward_weights"):
         score_rows(rows, ["correct", "format"], [1.0])
 
@@ -105,7 +127,9 @@ def test_score_rows_accepts_raw_gsm8k_answers_and_weights():
 )
 def test_correct(completion, answer_format, expected):
     assert score(completion, ["correct", "correct_pm1"], answer_format=answer_format) == {
-        "correct": expected, "correct_pm1": 1.0 if expected else -1.0}
+        "correct": expected,
+        "correct_pm1": 1.0 if expected else -1.0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -258,8 +282,11 @@ def check_hostile(answer_format):
     for text in HOSTILE:
         for f in funcs:
             start = time.perf_counter()
-            values = f([text, [{"role": "assistant", "content": text}]], answer=["18", "#### 18"],
-                       question=[JANET, "1" * 50000 + " ="])
+            values = f(
+                [text, [{"role": "assistant", "content": text}]],
+                answer=["18", "#### 18"],
+                question=[JANET, "1" * 50000 + " ="],
+            )
             elapsed = time.perf_counter() - start
             low, high = RANGES[f.__name__]
             assert all(math.isfinite(v) and low <= v <= high for v in values), (f.__name__, text[:50], values)
@@ -281,7 +308,9 @@ def test_hostile_inputs_are_fast_in_worker_threads():
 
 HACKS = {
     "whole completion repeated 50x": "\n".join([GOOD] * 50),
-    "reasoning lines repeated 50x": "<think>\n" + "\n".join([JANET_REASONING] * 50) + "\n</think>\n<answer>18</answer>",
+    "reasoning lines repeated 50x": "<think>\n"
+    + "\n".join([JANET_REASONING] * 50)
+    + "\n</think>\n<answer>18</answer>",
     "many answers": f"<think>\n{JANET_REASONING}\n</think>\n" + "".join(f"<answer>{i}</answer>" for i in range(30)),
     "answers around the gold": GOOD + "\n<answer>17</answer>\n<answer>19</answer>",
     "every number 0..1000": " ".join(str(i) for i in range(1001)),
@@ -334,8 +363,10 @@ def test_gsm8k_references_score_as_correct_and_mostly_verified(gsm8k_dir):
 
 def test_scoring_throughput():
     """1,000 completions through every reward in well under 10 s (measured ~1-2 s on one core)."""
-    rows = [{"question": JANET, "answer": "18", "completion": GOOD.replace("16 - 7", f"16 - 7 + {i} - {i}")}
-            for i in range(1000)]
+    rows = [
+        {"question": JANET, "answer": "18", "completion": GOOD.replace("16 - 7", f"16 - 7 + {i} - {i}")}
+        for i in range(1000)
+    ]
     start = time.perf_counter()
     score_rows(rows, ALL)
     assert time.perf_counter() - start < 10.0

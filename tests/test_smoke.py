@@ -51,8 +51,11 @@ def run(tmp_path_factory, embedded_model):
 
 
 def steps(run_dir):
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def test_training_got_signal_and_changed_the_weights(run, embedded_model):
@@ -83,10 +86,13 @@ def test_console_is_a_bar_and_one_line_per_step(run):
     """The resumed run (1 step): a header, one short line for step 2, the time, the checkpoint; no log dicts,
     completion tables, upstream warnings or library progress bars."""
     text = (run.parent / "console-2.txt").read_text()
-    lines = [line for line in text.replace("\r", "\n").split("\n") if line.strip() and "step/s]" not in line
-             and "s/step]" not in line and "?step" not in line]  # tqdm's redraws of the one bar
+    lines = [
+        line
+        for line in text.replace("\r", "\n").split("\n")
+        if line.strip() and "step/s]" not in line and "s/step]" not in line and "?step" not in line
+    ]  # tqdm's redraws of the one bar
     assert len(text.split("\n")) < 20, text
-    assert [line for line in lines if line.startswith("step ")] == [next(l for l in lines if l.startswith("step 2/2"))]
+    assert [line for line in lines if line.startswith("step ")] == [next(x for x in lines if x.startswith("step 2/2"))]
     assert lines[0].startswith("GRPO on 16 problems: 2 steps, 1 x cpu, fp32") and lines[-1] == f"checkpoint: {run}"
     for noise in ("{'loss'", "Prompt", "Warning", "Writing model shards", "Traceback", "Loading"):
         assert noise not in text, noise
@@ -110,8 +116,23 @@ def test_resume_after_kill_continues_without_gap_or_duplicate(run):
 
 def test_cold_start_then_grpo_from_its_checkpoint_in_bf16_with_tensorboard(tmp_path, embedded_model, cpu_bf16):
     out = tmp_path / "two-stage"
-    args = [*TINY, "--num_few_shot", "0", "--sft_examples", "4", "--sft_batch_size", "2", "--max_steps", "1",
-            "--max_completion_length", "16", "--output_dir", str(out), "--report_to", "tensorboard"]
+    args = [
+        *TINY,
+        "--num_few_shot",
+        "0",
+        "--sft_examples",
+        "4",
+        "--sft_batch_size",
+        "2",
+        "--max_steps",
+        "1",
+        "--max_completion_length",
+        "16",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "tensorboard",
+    ]
     assert main(["train", *args]) == 0
     sft = out / "sft"
     assert (sft / "grpo_math_config.yaml").is_file() and not (out / ".sft-staging").exists()
@@ -126,7 +147,9 @@ def test_cold_start_then_grpo_from_its_checkpoint_in_bf16_with_tensorboard(tmp_p
     assert steps(out) == [1]
     assert json.loads((out / "run_info.json").read_text())["mixed_precision"] == "bf16"
     assert yaml.safe_load((sft / "grpo_math_config.yaml").read_text())["bf16"] is True
-    assert list((out / "runs").rglob("events.out.tfevents.*")), "no TensorBoard event file (TRL/transformers' integration)"
+    assert list((out / "runs").rglob("events.out.tfevents.*")), (
+        "no TensorBoard event file (TRL/transformers' integration)"
+    )
 
 
 @pytest.mark.slow

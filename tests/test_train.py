@@ -7,8 +7,9 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from grpo_math import UserError
+from grpo_math.callbacks import BadStepGuard
 from grpo_math.config import parse_train_args
-from grpo_math.train import BadStepGuard, find_resume_checkpoint
+from grpo_math.train import find_resume_checkpoint
 
 
 def tiny_model_with_grads(value: float) -> torch.nn.Module:
@@ -41,11 +42,14 @@ def test_finite_gradients_pass_untouched():
     assert model.weight.grad is not None and not control.should_training_stop and not guard.stopped
 
 
-@pytest.mark.parametrize("logs,expected", [
-    ({"loss": float("nan"), "grad_norm": 1.0}, "loss is nan"),
-    ({"loss": 2e8, "grad_norm": 1.0}, "loss is 2e+08"),
-    ({"loss": 0.1, "grad_norm": 5e5}, "grad_norm is 5e+05"),
-])
+@pytest.mark.parametrize(
+    "logs,expected",
+    [
+        ({"loss": float("nan"), "grad_norm": 1.0}, "loss is nan"),
+        ({"loss": 2e8, "grad_norm": 1.0}, "loss is 2e+08"),
+        ({"loss": 0.1, "grad_norm": 5e5}, "grad_norm is 5e+05"),
+    ],
+)
 def test_exploding_logs_stop_without_saving(logs, expected):
     guard, control = BadStepGuard("stop", bad_loss=1e4, bad_grad_norm=1e4), TrainerControl(should_save=True)
     guard.on_log(None, TrainerState(global_step=12), control, logs=logs)
@@ -97,12 +101,20 @@ class FakeTrainer:
         raise self.error
 
 
-@pytest.mark.parametrize("error,expected", [
-    (OSError(28, "No space left on device"), "out of disk space in .* at step 5: free space, or lower save_total_limit"),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
-     "out of memory at step 5: lower per_device_train_batch_size"),
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory at step 5"),
-])
+@pytest.mark.parametrize(
+    "error,expected",
+    [
+        (
+            OSError(28, "No space left on device"),
+            "out of disk space in .* at step 5: free space, or lower save_total_limit",
+        ),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+            "out of memory at step 5: lower per_device_train_batch_size",
+        ),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory at step 5"),
+    ],
+)
 def test_disk_and_memory_exhaustion_become_user_errors(error, expected, tmp_path):
     from grpo_math.train import run_training
 
@@ -135,8 +147,12 @@ def test_cold_start_rows_are_the_grpo_prompt_and_the_formatted_reference():
 def test_cold_start_keeps_annotations_when_asked(tmp_path):
     from grpo_math.train import sft_data
 
-    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "Q?", "answer": "2*3 = <<2*3=6>>6 apples\n#### 6"}) + "\n")
-    script, _, _ = parse_train_args(["--dataset_name", str(tmp_path), "--sft_examples", "1", "--sft_keep_annotations", "true"])
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"question": "Q?", "answer": "2*3 = <<2*3=6>>6 apples\n#### 6"}) + "\n"
+    )
+    script, _, _ = parse_train_args(
+        ["--dataset_name", str(tmp_path), "--sft_examples", "1", "--sft_keep_annotations", "true"]
+    )
     tokenizer = type("PlainTokenizer", (), {"chat_template": None})()
     [row] = sft_data(script, tokenizer)
     assert isinstance(row["prompt"], str) and "<<2*3=6>>" in row["completion"]
@@ -153,8 +169,10 @@ def test_grpo_uses_the_problems_after_the_cold_start_ones():
         load_gsm8k("builtin", skip=10_000)
 
 
-@pytest.mark.parametrize("flag,value", [("--sft_examples", "-1"), ("--sft_epochs", "0"), ("--sft_learning_rate", "0"),
-                                        ("--sft_batch_size", "0")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--sft_examples", "-1"), ("--sft_epochs", "0"), ("--sft_learning_rate", "0"), ("--sft_batch_size", "0")],
+)
 def test_cold_start_settings_are_validated(flag, value):
     with pytest.raises(UserError, match="sft_examples must be >= 0"):
         parse_train_args([flag, value])
@@ -168,7 +186,7 @@ def test_sft_command_needs_examples(capsys):
 
 
 def test_signal_watch_warns_once_after_a_streak_without_variance(caplog):
-    from grpo_math.train import SignalWatch
+    from grpo_math.callbacks import SignalWatch
 
     watch, state = SignalWatch(patience=3), TrainerState(global_step=0)
     for step, frac in enumerate([1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0], start=1):

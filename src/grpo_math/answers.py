@@ -28,6 +28,8 @@ import re
 import threading
 from collections import Counter
 
+from . import UserError
+
 ANSWER_FORMATS = ("tags", "hash", "boxed")
 MAX_ANSWER_CHARS = 100
 VERIFY_TIMEOUT_S = 2.0
@@ -47,15 +49,16 @@ _RISKY = re.compile(r"\^|\*\*|!|\\(?:binom|choose|sum|prod|int|lim|infty)")
 
 
 def check_answer_format(answer_format: str) -> None:
-    """Raise a ValueError naming the valid formats unless `answer_format` is one of them.
+    """Raise a ``UserError`` (a ``ValueError``) naming the valid formats unless `answer_format` is one of them; the
+    one check that config, data, rewards and extraction share.
 
     >>> check_answer_format("tags")
     >>> check_answer_format("xml")
     Traceback (most recent call last):
-    ValueError: unknown answer_format 'xml'; valid: tags, hash, boxed
+    grpo_math.UserError: unknown answer_format 'xml'; valid: tags, hash, boxed
     """
     if answer_format not in ANSWER_FORMATS:
-        raise ValueError(f"unknown answer_format {answer_format!r}; valid: {', '.join(ANSWER_FORMATS)}")
+        raise UserError(f"unknown answer_format {answer_format!r}; valid: {', '.join(ANSWER_FORMATS)}")
 
 
 def parse_number(text: str) -> float | None:
@@ -148,10 +151,8 @@ def extract_flexible(text: str) -> str | None:
     >>> extract_flexible("The loss is -3.5 dollars"), extract_flexible("no digits") is None
     ('-3.5', True)
     """
-    last = None
-    for last in _FLEXIBLE.finditer(text):
-        pass
-    return None if last is None else last.group().replace("$", "").replace(",", "")
+    matches = _FLEXIBLE.findall(text)
+    return matches[-1].replace("$", "").replace(",", "") if matches else None
 
 
 def gold_from_solution(text: str) -> str:
@@ -244,9 +245,11 @@ class _Sandbox:
         except EOFError:  # it died while starting: its traceback is on stderr above
             proc = self._proc
             self._stop()
-            raise RuntimeError(f"math_verify worker exited while starting (exit code {proc.exitcode}, its error is "
-                               "above); a script that scores answers needs an `if __name__ == '__main__':` guard "
-                               "(the worker is spawned and re-imports the main module)") from None
+            raise RuntimeError(
+                f"math_verify worker exited while starting (exit code {proc.exitcode}, its error is "
+                "above); a script that scores answers needs an `if __name__ == '__main__':` guard "
+                "(the worker is spawned and re-imports the main module)"
+            ) from None
 
     def _stop(self) -> None:
         self._proc.kill()

@@ -13,7 +13,6 @@ field share one name; the recipe sets defaults and flags override them.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -22,29 +21,39 @@ from pathlib import Path
 import yaml
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
-from . import UserError
-from .answers import ANSWER_FORMATS
+from . import OneLineErrors, UserError
+from .answers import ANSWER_FORMATS, check_answer_format
 from .data import SYSTEM_PROMPT
-from .models import accelerator_available, native_bf16
+from .models import accelerator_available, native_bf16, torchrun_env
 from .rewards import PRESETS, REWARDS
-from .runfiles import CONFIG_FILE
+from .runfiles import CONFIG_FILE, read_config, yaml_error
 
 
 @dataclass
 class PromptConfig:
     """The prompt and the rewards: the settings train, eval, ask and score share (recipe keys of the same names)."""
 
-    answer_format: str = field(default="tags", metadata={"help": f"How the final answer is asked for: {', '.join(ANSWER_FORMATS)}."})
+    answer_format: str = field(
+        default="tags", metadata={"help": f"How the final answer is asked for: {', '.join(ANSWER_FORMATS)}."}
+    )
     system_prompt: str | None = field(default=SYSTEM_PROMPT, metadata={"help": "System message ('' for none)."})
-    num_few_shot: int = field(default=0, metadata={"help": "Worked examples (from the builtin set) put before each question."})
-    reward_funcs: list[str] = field(default_factory=lambda: list(PRESETS["default"]), metadata={"help": f"Reward names: {', '.join(REWARDS)}."})
-    reward_preset: str | None = field(default=None, metadata={"help": f"Named reward set with weights: {', '.join(PRESETS)}; sets reward_funcs and reward_weights."})
+    num_few_shot: int = field(
+        default=0, metadata={"help": "Worked examples (from the builtin set) put before each question."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: list(PRESETS["default"]), metadata={"help": f"Reward names: {', '.join(REWARDS)}."}
+    )
+    reward_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Named reward set with weights: {', '.join(PRESETS)}; sets reward_funcs and reward_weights."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.reward_funcs, str):  # `reward_funcs: correct` in a recipe
             self.reward_funcs = self.reward_funcs.split()
-        if self.answer_format not in ANSWER_FORMATS:
-            raise UserError(f"answer_format '{self.answer_format}' is unknown; valid: {', '.join(ANSWER_FORMATS)}")
+        check_answer_format(self.answer_format)
         if not isinstance(self.num_few_shot, int) or self.num_few_shot < 0:
             raise UserError(f"num_few_shot must be an integer >= 0, not {self.num_few_shot!r}")
         unknown = [name for name in self.reward_funcs if name not in REWARDS]
@@ -90,10 +99,10 @@ class PromptSettings(PromptConfig):
         """The recipe's settings (``--config``), else those saved with a trained model (its
         ``grpo_math_config.yaml``), else the defaults."""
         if recipe:
-            return cls.from_dict(read_recipe(recipe), recipe)
+            return cls.from_dict(read_config(recipe), recipe)
         saved = Path(model).expanduser() / CONFIG_FILE if model else None
         if saved is not None and saved.is_file():
-            config = read_recipe(str(saved))
+            config = read_config(str(saved))
             return cls.from_dict({k: v for k, v in config.items() if k in SAVED_PROMPT_KEYS}, str(saved))
         return cls()
 
@@ -110,39 +119,37 @@ class PromptSettings(PromptConfig):
 SAVED_PROMPT_KEYS = ("answer_format", "system_prompt", "num_few_shot", "reward_funcs", "reward_weights")
 
 
-def read_recipe(path: str) -> dict:
-    """A recipe (or saved config) as a dict; a missing file or invalid YAML is a one-line error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
-    except OSError as err:
-        raise UserError(f"recipe not found: {err.filename}") from None
-    except yaml.YAMLError as err:
-        raise UserError(yaml_error(err, path)) from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: a recipe is a mapping of setting names to values")
-    return config
-
-
-def yaml_error(err: yaml.YAMLError, path: str = "recipe") -> str:
-    mark = getattr(err, "problem_mark", None)
-    where = f"{mark.name}:{mark.line + 1}" if mark else path
-    return f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})"
-
-
 @dataclass
 class ScriptConfig(PromptConfig, ScriptArguments):
     """Data, prompt and reward settings (TRL's ``dataset_name`` / ``dataset_*_split`` are inherited)."""
 
-    dataset_name: str = field(default="builtin", metadata={"help": "'builtin', a hub id (openai/gsm8k) or a folder with train.jsonl/test.jsonl."})
+    dataset_name: str = field(
+        default="builtin",
+        metadata={"help": "'builtin', a hub id (openai/gsm8k) or a folder with train.jsonl/test.jsonl."},
+    )
     dataset_limit: int | None = field(default=None, metadata={"help": "Use only the first N training problems."})
-    dataset_shuffle_seed: int | None = field(default=None, metadata={"help": "Shuffle problems with this seed before --dataset_limit."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip (and count) rows without a parseable gold answer instead of failing."})
-    sft_examples: int = field(default=0, metadata={"help": "Cold start: SFT on the first N training solutions, rewritten into answer_format, before GRPO (which then uses the problems after them); 0 = no cold start."})
+    dataset_shuffle_seed: int | None = field(
+        default=None, metadata={"help": "Shuffle problems with this seed before --dataset_limit."}
+    )
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip (and count) rows without a parseable gold answer instead of failing."}
+    )
+    sft_examples: int = field(
+        default=0,
+        metadata={
+            "help": "Cold start: SFT on the first N training solutions, rewritten into answer_format, before GRPO "
+            "(which "
+            "then uses the problems after them); 0 = no cold start."
+        },
+    )
     sft_epochs: float = field(default=1.0, metadata={"help": "Cold start: epochs over the sft_examples."})
-    sft_learning_rate: float = field(default=5e-5, metadata={"help": "Cold start: AdamW learning rate (linear decay)."})
+    sft_learning_rate: float = field(
+        default=5e-5, metadata={"help": "Cold start: AdamW learning rate (linear decay)."}
+    )
     sft_batch_size: int = field(default=8, metadata={"help": "Cold start: sequences per optimizer step."})
-    sft_keep_annotations: bool = field(default=False, metadata={"help": "Cold start: keep GSM8K's <<a*b=c>> calculator annotations in the solutions."})
+    sft_keep_annotations: bool = field(
+        default=False, metadata={"help": "Cold start: keep GSM8K's <<a*b=c>> calculator annotations in the solutions."}
+    )
 
     def __post_init__(self):
         PromptConfig.__post_init__(self)
@@ -156,24 +163,78 @@ class ScriptConfig(PromptConfig, ScriptArguments):
 class GRPOMathConfig(GRPOConfig):
     """TRL's ``GRPOConfig`` with this project's defaults and the few fields TRL lacks."""
 
-    output_dir: str | None = field(default="runs/grpo", metadata={"help": "Run folder: checkpoints, metrics.jsonl, final model."})
+    output_dir: str | None = field(
+        default="runs/grpo", metadata={"help": "Run folder: checkpoints, metrics.jsonl, final model."}
+    )
     learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate (the notebook's 5e-6)."})
-    beta: float = field(default=0.02, metadata={"help": "KL coefficient (the notebook's 0.02; 0 skips the reference model)."})
+    beta: float = field(
+        default=0.02, metadata={"help": "KL coefficient (the notebook's 0.02; 0 skips the reference model)."}
+    )
     num_generations: int | None = field(default=4, metadata={"help": "Completions per prompt (group size)."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per device per step; a multiple of num_generations."})
-    max_completion_length: int | None = field(default=256, metadata={"help": "Maximum generated tokens per completion."})
-    max_prompt_length: int = field(default=512, metadata={"help": "Longest prompt allowed, in tokens; longer prompts are an error, never silently truncated. GSM8K needs 288 (train) / 253 (test) with the default prompt and SmolLM2's tokenizer."})
-    log_completions: bool = field(default=True, metadata={"help": "Write sampled completions with their reward parts to output_dir/completions/*.parquet (TRL)."})
-    num_completions_to_print: int | None = field(default=0, metadata={"help": "Completions printed as a table at each logged step (TRL, needs rich); 0 = none, None = all. They are always in completions/*.parquet."})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Completions per device per step; a multiple of num_generations."}
+    )
+    max_completion_length: int | None = field(
+        default=256, metadata={"help": "Maximum generated tokens per completion."}
+    )
+    max_prompt_length: int = field(
+        default=512,
+        metadata={
+            "help": "Longest prompt allowed, in tokens; longer prompts are an error, never silently truncated. GSM8K "
+            "needs "
+            "288 (train) / 253 (test) with the default prompt and SmolLM2's tokenizer."
+        },
+    )
+    log_completions: bool = field(
+        default=True,
+        metadata={
+            "help": "Write sampled completions with their reward parts to output_dir/completions/*.parquet (TRL)."
+        },
+    )
+    num_completions_to_print: int | None = field(
+        default=0,
+        metadata={
+            "help": "Completions printed as a table at each logged step (TRL, needs rich); 0 = none, None = all. They"
+            " are "
+            "always in completions/*.parquet."
+        },
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every N steps."})
-    activation_checkpointing: bool | None = field(default=False, metadata={"help": "Recompute activations in backward: less memory, more compute (recommended for >1B models on GPU)."})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU or CPU runs bf16 natively."})
-    eval_limit: int = field(default=0, metadata={"help": "Held-out problems (dataset_test_split, fixed order) scored every eval_steps as eval/strict_accuracy etc.; 0 = off."})
-    on_bad_step: str = field(default="stop", metadata={"help": "A step with NaN/inf gradients or a loss/grad_norm above the limits: 'stop' (keep the last good checkpoint, exit 2) or 'skip' (drop that update and go on)."})
-    bad_loss: float = field(default=1e4, metadata={"help": "|loss| above this counts as exploding (checked at every log step)."})
-    bad_grad_norm: float = field(default=1e4, metadata={"help": "Pre-clipping grad norm above this counts as exploding (checked at every log step)."})
+    activation_checkpointing: bool | None = field(
+        default=False,
+        metadata={
+            "help": "Recompute activations in backward: less memory, more compute (recommended for >1B models on GPU)."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU or CPU runs bf16 natively."}
+    )
+    eval_limit: int = field(
+        default=0,
+        metadata={
+            "help": "Held-out problems (dataset_test_split, fixed order) scored every eval_steps as "
+            "eval/strict_accuracy "
+            "etc.; 0 = off."
+        },
+    )
+    on_bad_step: str = field(
+        default="stop",
+        metadata={
+            "help": "A step with NaN/inf gradients or a loss/grad_norm above the limits: 'stop' (keep the last good "
+            "checkpoint, exit 2) or 'skip' (drop that update and go on)."
+        },
+    )
+    bad_loss: float = field(
+        default=1e4, metadata={"help": "|loss| above this counts as exploding (checked at every log step)."}
+    )
+    bad_grad_norm: float = field(
+        default=1e4,
+        metadata={"help": "Pre-clipping grad norm above this counts as exploding (checked at every log step)."},
+    )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
 
     def __post_init__(self):
@@ -198,23 +259,26 @@ class GRPOMathConfig(GRPOConfig):
                 raise UserError(f"{name} must be a positive integer, not {value!r}")
         if self.num_generations is not None and self.num_generations < 2:
             raise UserError("num_generations must be >= 2 (GRPO compares completions within a group)")
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-        per_step = self.per_device_train_batch_size * processes * (self.steps_per_generation or self.gradient_accumulation_steps)
+        processes = torchrun_env()[2]
+        per_step = (
+            self.per_device_train_batch_size
+            * processes
+            * (self.steps_per_generation or self.gradient_accumulation_steps)
+        )
         g = self.num_generations or 8
         if self.generation_batch_size is None and per_step % g:
             fits = [n for n in range(2, per_step + 1) if per_step % n == 0]
             raise UserError(
-                f"per_device_train_batch_size x processes x gradient_accumulation_steps = {self.per_device_train_batch_size} x "
-                f"{processes} x {self.steps_per_generation or self.gradient_accumulation_steps} = {per_step} completions per "
+                "per_device_train_batch_size x processes x gradient_accumulation_steps = "
+                f"{self.per_device_train_batch_size} x {processes} x "
+                f"{self.steps_per_generation or self.gradient_accumulation_steps} = {per_step} completions per "
                 f"step is not a multiple of num_generations ({g}): set num_generations to one of {fits} or "
-                f"per_device_train_batch_size to a multiple of {g}")
+                f"per_device_train_batch_size to a multiple of {g}"
+            )
 
 
-class Parser(TrlParser):
-    """TrlParser whose errors are one line and exit code 2 (argparse prints usage and a second line)."""
-
-    def error(self, message):
-        raise UserError(message)
+class TrainParser(OneLineErrors, TrlParser):
+    """TRL's parser (recipe YAML + flags) whose usage errors are one line and exit code 2."""
 
 
 def cpu_and_bf16(use_cpu: bool, bf16: bool | None, fp16: bool = False) -> tuple[bool, bool]:
@@ -233,9 +297,11 @@ def cpu_and_bf16(use_cpu: bool, bf16: bool | None, fp16: bool = False) -> tuple[
     return use_cpu, bf16
 
 
-def parse_train_args(argv: list[str] | None = None, prog: str = "grpo-math train") -> tuple[ScriptConfig, GRPOMathConfig, ModelConfig]:
+def parse_train_args(
+    argv: list[str] | None = None, prog: str = "grpo-math train"
+) -> tuple[ScriptConfig, GRPOMathConfig, ModelConfig]:
     """Parse ``--config recipe.yaml`` plus flags into the three config dataclasses."""
-    parser = Parser((ScriptConfig, GRPOMathConfig, ModelConfig), prog=prog)
+    parser = TrainParser((ScriptConfig, GRPOMathConfig, ModelConfig), prog=prog)
     try:
         script, grpo, model = parser.parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
     except FileNotFoundError as err:
@@ -244,7 +310,9 @@ def parse_train_args(argv: list[str] | None = None, prog: str = "grpo-math train
         raise UserError(yaml_error(err)) from None
     except ValueError as err:  # unknown keys in a recipe or flags, wrong types
         message = str(err).splitlines()[0]
-        unknown = re.search(r"(?:not used by the HfArgumentParser|Unknown arguments from config file): (\[.*?\])", message)
+        unknown = re.search(
+            r"(?:not used by the HfArgumentParser|Unknown arguments from config file): (\[.*?\])", message
+        )
         if unknown:
             where = "recipe key" if "config file" in message else "flag"
             message = f"unknown {where}(s) {unknown.group(1)}; see grpo-math train --help for valid names"

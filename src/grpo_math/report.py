@@ -28,15 +28,28 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import UserError, data
-from .evaluate import compare_results, is_rate
+from . import ArgumentParser, UserError, data
+from .compare import compare_results
+from .metrics import format_value, is_rate
 from .rewards import MAX_STEP_CHARS, completion_text, find_steps
-from .runfiles import COMPLETIONS_DIR, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, SAMPLES_FILE
+from .runfiles import COMPLETIONS_DIR, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, load_results, read_config
 
-COMPLETIONS_FILE = "completions.jsonl"
-KEY_SETTINGS = ("model_name_or_path", "dataset_name", "answer_format", "reward_funcs", "reward_weights",
-                "learning_rate", "beta", "num_generations", "per_device_train_batch_size", "max_completion_length",
-                "temperature", "max_steps", "use_peft", "seed")
+KEY_SETTINGS = (
+    "model_name_or_path",
+    "dataset_name",
+    "answer_format",
+    "reward_funcs",
+    "reward_weights",
+    "learning_rate",
+    "beta",
+    "num_generations",
+    "per_device_train_batch_size",
+    "max_completion_length",
+    "temperature",
+    "max_steps",
+    "use_peft",
+    "seed",
+)
 _PART = re.compile(r"rewards/(.+)/mean$")
 
 
@@ -61,16 +74,20 @@ class Run:
 
 def report_command(argv: list[str]) -> int:
     """Write PNG plots and report.html for a training run folder; print the report's path."""
-    from .cli import Parser
-
-    parser = Parser(prog="grpo-math report", description=report_command.__doc__)
+    parser = ArgumentParser(prog="grpo-math report", description=report_command.__doc__)
     parser.add_argument("run_dir", help="training run folder (holds metrics.jsonl)")
     parser.add_argument("--output", help="where to write the PNGs and report.html (default: RUN_DIR/report)")
     parser.add_argument("--before", help="eval folder of the base model (default: RUN_DIR/eval/base when present)")
     parser.add_argument("--after", help="eval folder of the trained model (default: RUN_DIR/eval/final when present)")
-    parser.add_argument("--sft", help="eval folder of the cold-start checkpoint (default: RUN_DIR/eval/sft when present)")
-    parser.add_argument("--max_samples", type=int, default=40,
-                        help="show at most this many training completions and this many evaluated problems")
+    parser.add_argument(
+        "--sft", help="eval folder of the cold-start checkpoint (default: RUN_DIR/eval/sft when present)"
+    )
+    parser.add_argument(
+        "--max_samples",
+        type=int,
+        default=40,
+        help="show at most this many training completions and this many evaluated problems",
+    )
     args = parser.parse_args(argv)
     if args.max_samples < 0:
         raise UserError("--max_samples must be >= 0")
@@ -85,6 +102,7 @@ def report_command(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------- loading
 
+
 def load_run(run_dir: str | Path, before: str | None = None, after: str | None = None, sft: str | None = None) -> Run:
     """Everything the report shows, read and checked (bad input raises ``UserError`` naming the file)."""
     folder = Path(run_dir)
@@ -92,64 +110,52 @@ def load_run(run_dir: str | Path, before: str | None = None, after: str | None =
         raise UserError(f"run folder not found: {folder}")
     if not (folder / METRICS_FILE).is_file():
         raise UserError(f"{folder} has no {METRICS_FILE}: not a training run folder (grpo-math train writes one)")
-    config = {}
-    if (folder / CONFIG_FILE).is_file():
-        import yaml
-
-        try:
-            config = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"{folder / CONFIG_FILE}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"{folder / CONFIG_FILE}: expected a mapping of settings")
-    run = Run(folder, read_jsonl(folder / METRICS_FILE), config, load_completions(folder, config))
+    config = read_config(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+    run = Run(folder, _rows(folder / METRICS_FILE), config, load_completions(folder, config))
     if (folder / "sft" / METRICS_FILE).is_file():
-        run.sft_metrics = read_jsonl(folder / "sft" / METRICS_FILE)
-    for side, given, default in (("before", before, "eval/base"), ("cold start", sft, "eval/sft"),
-                                 ("after", after, "eval/final")):
+        run.sft_metrics = _rows(folder / "sft" / METRICS_FILE)
+    for side, given, default in (
+        ("before", before, "eval/base"),
+        ("cold start", sft, "eval/sft"),
+        ("after", after, "eval/final"),
+    ):
         path = Path(given) if given else folder / default
         if given or (path / RESULTS_FILE).is_file():
             run.evals[side] = load_eval(path)
     return run
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def _rows(path: Path) -> list[dict]:
     return [row for row, _ in data.read_jsonl(path)]
 
 
 def load_eval(folder: Path) -> Eval:
     """An eval folder: ``results.json`` (required) and ``samples.jsonl`` (optional)."""
-    path = folder / RESULTS_FILE
-    if not path.is_file():
-        raise UserError(f"eval folder {folder} has no {RESULTS_FILE} (grpo-math eval --output writes one)")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
-        raise UserError(f"{path}: expected an object with a 'metrics' object")
-    samples = read_jsonl(folder / SAMPLES_FILE) if (folder / SAMPLES_FILE).is_file() else []
-    return Eval(folder, results, samples)
+    return Eval(folder, *load_results(folder, need_samples=False))
 
 
 def load_completions(folder: Path, config: dict) -> list[dict]:
-    """Training completions from ``completions.jsonl`` and TRL's ``completions/*.parquet`` (log_completions)."""
-    rows = [{"step": r.get("step"), "question": _question(r.get("question") or r.get("prompt")),
-             "completion": completion_text(r.get("completion") or ""), "answer": r.get("answer"),
-             "rewards": _numbers(r.get("rewards") or {})}
-            for r in (read_jsonl(folder / COMPLETIONS_FILE) if (folder / COMPLETIONS_FILE).is_file() else [])]
-    parquet = sorted((folder / COMPLETIONS_DIR).glob("*.parquet"))
-    if parquet:
-        import pyarrow.parquet as pq
+    """Training completions from TRL's ``completions/*.parquet`` (``log_completions``): step, prompt, completion,
+    one column per reward, advantage."""
+    paths = sorted((folder / COMPLETIONS_DIR).glob("*.parquet"))
+    if not paths:
+        return []
+    import pyarrow.parquet as pq
 
-        names = config.get("reward_funcs")  # TRL's columns: step, prompt, completion, one per reward, advantage
-        for path in parquet:
-            for r in pq.read_table(path).to_pylist():
-                parts = _numbers({k: v for k, v in r.items()
-                                  if (k in names if names else k not in ("step", "advantage"))})
-                rows.append({"step": r.get("step"), "question": _question(r.get("question") or r.get("prompt")),
-                             "completion": completion_text(r.get("completion") or ""), "answer": r.get("answer"),
-                             "rewards": parts, "advantage": r.get("advantage")})
+    names, rows = config.get("reward_funcs"), []
+    for path in paths:
+        for r in pq.read_table(path).to_pylist():
+            parts = _numbers({k: v for k, v in r.items() if (k in names if names else k not in ("step", "advantage"))})
+            rows.append(
+                {
+                    "step": r.get("step"),
+                    "question": _question(r.get("question") or r.get("prompt")),
+                    "completion": completion_text(r.get("completion") or ""),
+                    "answer": r.get("answer"),
+                    "rewards": parts,
+                    "advantage": r.get("advantage"),
+                }
+            )
     return rows
 
 
@@ -176,27 +182,50 @@ def series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 # ---------------------------------------------------------------------------------------------- plots
 
+
 def write_plots(run: Run, out: Path) -> list[tuple[str, Path]]:
     """Write every plot the run has data for; return ``(title, path)`` pairs in display order."""
     m = run.metrics
     keys = list(dict.fromkeys(k for row in m for k in row))
     parts = {_PART.match(k).group(1): series(m, k) for k in keys if _PART.match(k)}
-    evals = {k[len("eval/"):]: series(m, k) for k in keys if k.startswith("eval/") and is_rate(k[len("eval/"):])}
+    evals = {k[len("eval/") :]: series(m, k) for k in keys if k.startswith("eval/") and is_rate(k[len("eval/") :])}
     evals = {k: v for k, v in evals.items() if all(0 <= x <= 1 for x in v[1])}
     plots = [
-        ("Total reward (mean ± std over completions)", "reward.png",
-         _lines({"reward": series(m, "reward")}, "reward", band=_band(m, "reward", "reward_std"))),
+        (
+            "Total reward (mean ± std over completions)",
+            "reward.png",
+            _lines({"reward": series(m, "reward")}, "reward", band=_band(m, "reward", "reward_std")),
+        ),
         ("Reward parts (unweighted means)", "reward_parts.png", _lines(parts, "reward part")),
-        ("Completion length (tokens; band: min-max)", "completion_length.png",
-         _lines({"mean": series(m, "completions/mean_length"),
-                 "mean (terminated)": series(m, "completions/mean_terminated_length")}, "tokens",
-                band=_range(m, "completions/min_length", "completions/max_length"))),
-        ("Groups whose completions all scored the same (no GRPO signal)", "zero_std.png",
-         _lines({"frac_reward_zero_std": series(m, "frac_reward_zero_std")}, "fraction of groups", ylim=(0, 1))),
+        (
+            "Completion length (tokens; band: min-max)",
+            "completion_length.png",
+            _lines(
+                {
+                    "mean": series(m, "completions/mean_length"),
+                    "mean (terminated)": series(m, "completions/mean_terminated_length"),
+                },
+                "tokens",
+                band=_range(m, "completions/min_length", "completions/max_length"),
+            ),
+        ),
+        (
+            "Groups whose completions all scored the same (no GRPO signal)",
+            "zero_std.png",
+            _lines({"frac_reward_zero_std": series(m, "frac_reward_zero_std")}, "fraction of groups", ylim=(0, 1)),
+        ),
         ("KL to the reference model", "kl.png", _lines({"kl": series(m, "kl")}, "KL")),
-        ("Cold start (SFT) on formatted solutions", "sft.png",
-         _lines({"loss": series(run.sft_metrics, "loss"),
-                 "token accuracy": series(run.sft_metrics, "mean_token_accuracy")}, "loss / accuracy")),
+        (
+            "Cold start (SFT) on formatted solutions",
+            "sft.png",
+            _lines(
+                {
+                    "loss": series(run.sft_metrics, "loss"),
+                    "token accuracy": series(run.sft_metrics, "mean_token_accuracy"),
+                },
+                "loss / accuracy",
+            ),
+        ),
         ("In-training evaluation", "eval_accuracy.png", _lines(evals, "rate", ylim=(0, 1))),
         ("Before / after (95% CI)", "before_after.png", _before_after(run.evals)),
     ]
@@ -228,8 +257,8 @@ def _lines(curves: dict, ylabel: str, band=None, ylim=None):
     for label, (xs, ys) in curves.items():
         window = len(ys) // 20
         if window > 1:  # long noisy runs: faint raw values, solid moving average
-            line, = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
-            avg = [sum(ys[max(0, i - window + 1):i + 1]) / min(i + 1, window) for i in range(len(ys))]
+            (line,) = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
+            avg = [sum(ys[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(ys))]
             ax.plot(xs, avg, color=line.get_color(), label=f"{label} (avg of {window})")
         else:
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
@@ -272,8 +301,10 @@ def _before_after(evals: dict[str, Eval]):
     for i, (side, ev) in enumerate(evals.items()):
         values = [ev.results["metrics"][k] for k in names]
         ci = _ci(ev)
-        errors = [[v - ci[k][0] if k in ci else 0 for k, v in zip(names, values)],
-                  [ci[k][1] - v if k in ci else 0 for k, v in zip(names, values)]]
+        errors = [
+            [v - ci[k][0] if k in ci else 0 for k, v in zip(names, values)],
+            [ci[k][1] - v if k in ci else 0 for k, v in zip(names, values)],
+        ]
         xs = [j + (i - (len(evals) - 1) / 2) * width for j in range(len(names))]
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=side)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
@@ -311,21 +342,36 @@ def render_html(run: Run, plots: list[tuple[str, Path]], max_samples: int = 40) 
     body = [f"<h1>GRPO run: {e(run.folder.resolve().name)}</h1>", _summary(run)]
     body.append("<h2>Training curves</h2>")
     if plots:
-        body.append('<div class="plots">' + "".join(
-            f'<figure><img alt="{e(title)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
-            "</figure>" for title, path in plots) + "</div>")
+        body.append(
+            '<div class="plots">'
+            + "".join(
+                f'<figure><img alt="{e(title)}" src="data:image/png;base64,{_base64(path)}"></figure>'
+                for title, path in plots
+            )
+            + "</div>"
+        )
     else:
         body.append('<p class="muted">metrics.jsonl has no plottable values yet.</p>')
     if run.evals:
         body += ["<h2>Evaluation</h2>", _eval_table(run.evals)]
-    body += ["<h2>Sample completions</h2>",
-             '<p class="muted">Arithmetic lines: <mark class="ok">every equation true</mark> '
-             '<mark class="bad">an equation false</mark> (the <code>steps</code> reward\'s checker).</p>',
-             _training_samples(run, max_samples), _eval_samples(run.evals, max_samples)]
+    body += [
+        "<h2>Sample completions</h2>",
+        '<p class="muted">Arithmetic lines: <mark class="ok">every equation true</mark> '
+        '<mark class="bad">an equation false</mark> (the <code>steps</code> reward\'s checker).</p>',
+        _training_samples(run, max_samples),
+        _eval_samples(run.evals, max_samples),
+    ]
     body += ["<h2>Configuration</h2>", _config(run.config)]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{e(run.folder.resolve().name)}: grpo-math report</title><style>{_CSS}</style></head>\n<body>\n"
-            + "\n".join(body) + f"\n<script>{_SCRIPT}</script>\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{e(run.folder.resolve().name)}: grpo-math report</title><style>{_CSS}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + f"\n<script>{_SCRIPT}</script>\n</body></html>\n"
+    )
+
+
+def _base64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
 
 
 def _fmt(v) -> str:
@@ -336,13 +382,16 @@ def _fmt(v) -> str:
 
 def _summary(run: Run) -> str:
     steps, rewards = series(run.metrics, "reward")
-    facts = [f"model <b>{html.escape(_fmt(run.config.get('model_name_or_path', '?')))}</b>",
-             f"data <b>{html.escape(_fmt(run.config.get('dataset_name', '?')))}</b>",
-             f"{len({m['step'] for m in run.metrics if _is_number(m.get('step'))})} steps logged"]
+    facts = [
+        f"model <b>{html.escape(_fmt(run.config.get('model_name_or_path', '?')))}</b>",
+        f"data <b>{html.escape(_fmt(run.config.get('dataset_name', '?')))}</b>",
+        f"{len({m['step'] for m in run.metrics if _is_number(m.get('step'))})} steps logged",
+    ]
     if rewards:
         k = max(1, len(rewards) // 10)
-        span = (f"steps {steps[0]}–{steps[k - 1]} → {steps[-k]}–{steps[-1]}"
-                if k > 1 else f"step {steps[0]} → {steps[-1]}")
+        span = (
+            f"steps {steps[0]}–{steps[k - 1]} → {steps[-k]}–{steps[-1]}" if k > 1 else f"step {steps[0]} → {steps[-1]}"
+        )
         facts.append(f"reward {sum(rewards[:k]) / k:.3f} → {sum(rewards[-k:]) / k:.3f} ({span})")
     return "<p>" + " · ".join(facts) + "</p>"
 
@@ -355,11 +404,15 @@ def _eval_table(evals: dict[str, Eval]) -> str:
         try:
             comparison = compare_results(evals[sides[0]].folder, evals[sides[1]].folder)
         except KeyError as err:
-            raise UserError(f"{evals[sides[0]].folder} or {evals[sides[1]].folder}: a {SAMPLES_FILE} record has "
-                            f"no {err}; these are not grpo-math eval folders") from None
+            raise UserError(
+                f"{evals[sides[0]].folder} or {evals[sides[1]].folder}: a samples.jsonl record has "
+                f"no {err}; these are not grpo-math eval folders"
+            ) from None
         paired = {row["metric"]: row for row in comparison["rows"]}
-    head = "".join(f"<th>{e(s)}<br><span class='muted'>{e(_fmt(ev.results.get('model', ev.folder.name)))}</span></th>"
-                   for s, ev in evals.items())
+    head = "".join(
+        f"<th>{e(s)}<br><span class='muted'>{e(_fmt(ev.results.get('model', ev.folder.name)))}</span></th>"
+        for s, ev in evals.items()
+    )
     if len(sides) == 2:
         head += "<th>Δ</th>" + ("<th>p (paired)</th>" if paired else "")
     rows = []
@@ -380,16 +433,18 @@ def _eval_table(evals: dict[str, Eval]) -> str:
                 cells.append(f"<td{mark}>{'' if p is None else f'{p:.2g}'}</td>")
         rows.append(f"<tr><td>{e(name)}</td>{''.join(cells)}</tr>")
     n = {ev.results.get("data", {}).get("num_problems") for ev in evals.values()} - {None}
-    note = (f"<p class='muted'>{'/'.join(map(str, sorted(n))) or '?'} problems. Brackets: 95% Wilson intervals. "
-            + ("p: exact paired sign test (McNemar) on the shared problems, green when below 0.05. " if paired else "")
-            + "Details: <code>grpo-math compare</code>.</p>")
+    note = (
+        f"<p class='muted'>{'/'.join(map(str, sorted(n))) or '?'} problems. Brackets: 95% Wilson intervals. "
+        + ("p: exact paired sign test (McNemar) on the shared problems, green when below 0.05. " if paired else "")
+        + "Details: <code>grpo-math compare</code>.</p>"
+    )
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>{note}"
 
 
 def _metric(name: str, v, sign: bool = False) -> str:
     if not _is_number(v):
         return html.escape(_fmt(v))
-    return f"{100 * v:{'+' if sign else ''}.1f}%" if is_rate(name) else f"{v:{'+' if sign else ''}.3g}"
+    return format_value(name, v, sign)
 
 
 def _verdict(score) -> str:
@@ -416,24 +471,34 @@ def _eval_samples(evals: dict[str, Eval], max_samples: int) -> str:
     for key in shown:
         first = keyed[sides[0]][key]
         question = " ".join(str(first.get("question", "")).split())
-        columns = "".join(f"<div><b>{e(s)}</b>"
-                          + "".join(_eval_completion(c) for c in keyed[s][key].get("completions", [])) + "</div>"
-                          for s in sides)
-        items.append(f"<details><summary>#{e(_fmt(first.get('index')))} "
-                     f"{' → '.join(_verdict(strict(s, key)) for s in sides)} · gold {e(_fmt(first.get('gold')))} · "
-                     f"{e(question[:90])}{'…' if len(question) > 90 else ''}</summary>"
-                     f"<p><b>Question.</b> {e(question)}</p><div class='pair'>{columns}</div></details>")
+        columns = "".join(
+            f"<div><b>{e(s)}</b>"
+            + "".join(_eval_completion(c) for c in keyed[s][key].get("completions", []))
+            + "</div>"
+            for s in sides
+        )
+        items.append(
+            f"<details><summary>#{e(_fmt(first.get('index')))} "
+            f"{' → '.join(_verdict(strict(s, key)) for s in sides)} · gold {e(_fmt(first.get('gold')))} · "
+            f"{e(question[:90])}{'…' if len(question) > 90 else ''}</summary>"
+            f"<p><b>Question.</b> {e(question)}</p><div class='pair'>{columns}</div></details>"
+        )
     title = " vs ".join(sides)
-    return (f"<h3>Evaluation ({e(title)}; {len(changed)} of {len(keys)} problems changed strict correctness, "
-            f"{len(shown)} shown)</h3>" + _total_formula(_weights(evals[sides[-1]].results.get("settings") or {}))
-            + "".join(items))
+    return (
+        f"<h3>Evaluation ({e(title)}; {len(changed)} of {len(keys)} problems changed strict correctness, "
+        f"{len(shown)} shown)</h3>"
+        + _total_formula(_weights(evals[sides[-1]].results.get("settings") or {}))
+        + "".join(items)
+    )
 
 
 def _eval_completion(c: dict) -> str:
     answers = c.get("answers") or {}
-    facts = [f"strict answer {html.escape(_fmt(answers.get('strict')) or '–')}",
-             f"flexible {html.escape(_fmt(answers.get('flexible')) or '–')}",
-             f"{_fmt(c.get('tokens'))} tokens{' (truncated)' if c.get('truncated') else ''}"]
+    facts = [
+        f"strict answer {html.escape(_fmt(answers.get('strict')) or '–')}",
+        f"flexible {html.escape(_fmt(answers.get('flexible')) or '–')}",
+        f"{_fmt(c.get('tokens'))} tokens{' (truncated)' if c.get('truncated') else ''}",
+    ]
     if _is_number(c.get("reward")):
         facts.append(f"reward {c['reward']:.3g} ({_parts(_numbers(c.get('rewards') or {}))})")
     return f"<p class='muted'>{' · '.join(facts)}</p><pre>{highlight_steps(str(c.get('text', '')))}</pre>"
@@ -455,9 +520,11 @@ def highlight_steps(text: str) -> str:
         escaped = html.escape(body)
         if steps:
             good = sum(s.ok for s in steps)
-            escaped = (f'<mark class="{"ok" if good == len(steps) else "bad"}" '
-                       f'title="{good} of {len(steps)} equations true">{escaped}</mark>')
-        out.append(escaped + html.escape(line[len(body):]))
+            escaped = (
+                f'<mark class="{"ok" if good == len(steps) else "bad"}" '
+                f'title="{good} of {len(steps)} equations true">{escaped}</mark>'
+            )
+        out.append(escaped + html.escape(line[len(body) :]))
     return "".join(out)
 
 
@@ -470,7 +537,7 @@ def _weights(config: dict) -> dict[str, float]:
     names, weights = config.get("reward_funcs") or [], config.get("reward_weights")
     if isinstance(weights, list) and len(weights) == len(names):
         return {n: float(w) for n, w in zip(names, weights)}
-    return {n: 1.0 for n in names}
+    return dict.fromkeys(names, 1.0)
 
 
 def _total_formula(weights: dict[str, float]) -> str:
@@ -498,8 +565,10 @@ def _training_samples(run: Run, max_samples: int) -> str:
                 gold = "" if r.get("answer") is None else f" <span class='muted'>(gold {e(_fmt(r['answer']))})</span>"
                 blocks.append(f"<p><b>Question.</b> {e(question)}{gold}</p>")
             total = sum(weights.get(k, 1.0) * v for k, v in r["rewards"].items())
-            blocks.append(f"<details><summary>total {total:.3g} <span class='muted'>· {_parts(r['rewards'])}</span>"
-                          f"</summary><pre>{highlight_steps(r['completion'])}</pre></details>")
+            blocks.append(
+                f"<details><summary>total {total:.3g} <span class='muted'>· {_parts(r['rewards'])}</span>"
+                f"</summary><pre>{highlight_steps(r['completion'])}</pre></details>"
+            )
         groups.append(f"<details><summary>step {step} ({len(shown)} completions)</summary>{''.join(blocks)}</details>")
     return "<h3>During training</h3>" + _total_formula(weights) + "".join(groups)
 
@@ -510,8 +579,11 @@ def _config(config: dict) -> str:
     e = html.escape
 
     def table(keys):
-        return "<table>" + "".join(f"<tr><td>{e(k)}</td><td>{e(json.dumps(config[k]))}</td></tr>" for k in keys) \
+        return (
+            "<table>"
+            + "".join(f"<tr><td>{e(k)}</td><td>{e(json.dumps(config[k]))}</td></tr>" for k in keys)
             + "</table>"
+        )
 
     key = [k for k in KEY_SETTINGS if k in config]
     return table(key) + f"<details><summary>all {len(config)} settings</summary>{table(config)}</details>"

@@ -1,9 +1,10 @@
 """Reward functions for GRPO on GSM8K, their registry and weight presets.
 
-Every reward has TRL's signature `f(completions, answer, **kwargs) -> list[float]`; dataset columns
-(`question`, `solution`) arrive as keyword arguments and completions may be strings or chat messages.
-Each part is its own function so TRL logs `rewards/<name>/mean`; parametrised ones come from
-`make_*` factories that keep `__name__` equal to the registry name.
+Every reward is a `Reward`: a picklable callable with TRL's signature `f(completions, answer, **kwargs) ->
+list[float]` (dataset columns such as `question` and `solution` arrive as keyword arguments; completions may be
+strings or chat messages) that applies a module-level function, or a `functools.partial` of one, to each
+completion. Its `__name__` is the registry name, so TRL logs `rewards/<name>/mean`, and its `range` is the
+(low, high) every value lies in (`RANGES` collects them). Parametrised rewards come from `make_*` factories.
 
 Anti-farming rules (tests/test_rewards.py checks each against a concrete exploit):
 
@@ -13,14 +14,13 @@ Anti-farming rules (tests/test_rewards.py checks each against a concrete exploit
   it and nothing after it; a second marker, a reasoning-free answer or an answer placed before the
   reasoning lose credit.
 * `steps` is a fraction, so extra true lines cannot push it above a clean derivation's 1.0. It checks
-  arithmetic lines `a op b = c` (+ - * / and parentheses) and GSM8K `<<a op b=c>>` annotations after
-  normalising `$`, thousands commas, `%`, `x`, `×`, LaTeX operators and `\\frac`, "times", "equals"
-  and unit words ("16 eggs - 3 eggs = 9 eggs"); algebra, clock times and powers are skipped. Lines
-  with the same operands, operators and result count once, in any order, so repeating a line never
-  raises it. A true line earns credit only when grounded: at least one operand other than 0, 1 or 2
-  is a number of the question (digits, number words, n% as n/100) or the result of an earlier
-  counted line, and the line is not an identity ("16 + 0 = 16"), so "1+1=2", "2+2=4" and other
-  empty filler score nothing. Wrong lines always count against.
+  arithmetic lines `a op b = c` and GSM8K `<<a op b=c>>` annotations as `steps.find_steps` reads them
+  (`steps.py` lists the notations and units it understands and what it skips). Lines with the same
+  operands, operators and result count once, in any order, so repeating a line never raises it. A true
+  line earns credit only when grounded: at least one operand other than 0, 1 or 2 is a number of the
+  question (digits, number words, n% as n/100) or the result of an earlier counted line, and the line
+  is not an identity ("16 + 0 = 16"), so "1+1=2", "2+2=4" and other empty filler score nothing. Wrong
+  lines always count against.
 * `steps_count` (+0.2 per distinct grounded true step, capped at 1.0) follows the same rules but is a
   count, hence farmable up to its cap; it only appears in the "notebook" preset.
 * `numbers_used` counts question numbers used as operands of counted arithmetic lines (see `steps`),
@@ -34,11 +34,10 @@ lines, huge numbers, deep nesting) cannot stall a training step.
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable, Iterator, Sequence
-from functools import lru_cache
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
+from typing import Any
 
 from grpo_math.answers import (
     answers_match,
@@ -48,63 +47,35 @@ from grpo_math.answers import (
     gold_from_solution,
     parse_number,
 )
+from grpo_math.steps import MAX_STEP_CHARS, Step, find_steps, number_key  # noqa: F401 (re-exported)
 
-RewardFunc = Callable[..., list[float]]
-
-MAX_STEP_CHARS = 20_000  # arithmetic is looked for in the whole lines within this many leading characters
-MAX_LHS_CHARS = 120  # the longest left-hand side of an equation that is checked
 STEP_CREDIT, STEP_CAP = 0.2, 1.0  # steps_count: per distinct grounded true step, and the cap
 REPETITION_NGRAM, REPETITION_FREE = 4, 0.2  # repetition: share of repeated 4-grams tolerated for free
 LENGTH_SOFT_CHARS, LENGTH_HARD_CHARS = 2000, 4000  # length: 0 up to soft, -1 from hard, linear between
 
 TRIVIAL = frozenset([0.0, 1.0, 2.0])  # too common to tie a line to the problem, even when the question has them
 NUMBER_WORDS = {
-    **{w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-                                  "fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())},
+    **{
+        w: i
+        for i, w in enumerate(
+            "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+            "fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
+        )
+    },
     **{w: 10 * i for i, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), start=3)},
-    "hundred": 100, "thousand": 1000, "million": 1_000_000, "triple": 3, "thrice": 3, "quarter": 4, "dozen": 12,
+    "hundred": 100,
+    "thousand": 1000,
+    "million": 1_000_000,
+    "triple": 3,
+    "thrice": 3,
+    "quarter": 4,
+    "dozen": 12,
 }
 
-_NOT_UNITS = r"(?!(?:dozens?|hundreds?|thousands?|millions?|billions?|half|times|st|nd|rd|th)\b)"
-_MATH_SUBS = [(re.compile(p), r) for p, r in [  # applied in order to each line before looking for "="
-    (r"\\[dt]?frac\{([^{}]{1,40})\}\{([^{}]{1,40})\}", r"(\1)/(\2)"),
-    (r"\\times|\\cdot|[×·∗⋅]", "*"),
-    (r"\\div|÷", "/"),
-    (r"[\u2212\u2013]", "-"),
-    (r"\\[()\[\]]|\\left|\\right", " "),
-    (r"\\?\$", ""),
-    (r"(?<=\d),(?=\d{3}(?!\d))", ""),
-    (r"(?<![\d.])(\d+(?:\.\d+)?) ?(?:%(?!\d)|percent\b)", r"(\1/100)"),
-    (r"(?<=\d) plus (?=\d)", " + "),
-    (r"(?<=\d) minus (?=\d)", " - "),
-    (r"(?<=\d) (?:times|multiplied by) (?=\d)", " * "),
-    (r"(?<=\d) divided by (?=\d)", " / "),
-    # units between a number and an operator: "16 eggs - 3 eggs", "$20/hour * 35 hours/week", "(440 feet/minute)"
-    (rf"(?<=\d)(?:/[A-Za-z]+\b| ?{_NOT_UNITS}[A-Za-z]{{2,}}\b(?:/[A-Za-z]+\b)?){{1,3}}"
-     r"(?= ?(?:[-+*/=)]|[xX] ?[\d(]))", ""),
-    (r"(?<=[\d)]) ?[xX] ?(?=[\d(.])", "*"),
-    (r"(?<=\d)(?=\([\d.(])|(?<=\))(?=[\d(])", "*"),  # implicit multiplication: "3(16)", "(2+3)(4)"
-    (r"(?<=\d) equals? (?=[-\d.(])", " = "),
-]]
-_LHS_CHARS = frozenset("0123456789.+-*/() ")
-_LHS_JUNK = re.compile(r"^(?:[ +*/)]|-(?= )|\.(?!\d)|\d+\. +(?=[\d(]))+")
-_RHS = re.compile(r" *(-?\d+(?:\.\d+)?)", re.ASCII)
-# after the result: more arithmetic, a mixed number "1 1/2", "18 000", or glued text "4x", "50%", "8:20"
-_RHS_STOP = re.compile(r" *[-+*/] *[\d(]| \d+/\d| \d{3}\b|[\d.]*[\w%:]", re.ASCII)
-_TOKEN = re.compile(r"\d+(?:\.\d+)?|\.\d+|[-+*/()]", re.ASCII)
 _QUESTION_NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?|\.\d+", re.ASCII)
 _PERCENT = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?) ?(?:%|percent)", re.ASCII)
 _WORD = re.compile(r"[a-z]+")
 _NGRAM_TOKEN = re.compile(r"\w+|[^\w\s]")
-
-
-class Step(NamedTuple):
-    """One distinct arithmetic line: its operands and operators, the written result, and whether it holds."""
-
-    operands: tuple[float, ...]
-    operators: tuple[str, ...]
-    result: float
-    ok: bool
 
 
 def completion_text(completion: str | list[dict[str, Any]]) -> str:
@@ -126,123 +97,13 @@ def _gold(answer: str) -> str:
     return gold_from_solution(answer) if "####" in answer else answer.strip()
 
 
-def _key(x: float) -> float:
-    return round(x, 6)
-
-
-def _evaluate(tokens: list[str]) -> tuple[float, list[float], list[str]] | None:
-    """Value, operands and operators of `+ - * /` arithmetic with parentheses; None if malformed."""
-    pos, operands, operators = 0, [], []
-
-    def peek() -> str | None:
-        return tokens[pos] if pos < len(tokens) else None
-
-    def factor() -> float:
-        nonlocal pos
-        tok = peek()
-        pos += 1
-        if tok == "-":
-            return -factor()
-        if tok == "(":
-            value = expr()
-            if peek() != ")":
-                raise ValueError("unbalanced")
-            pos += 1
-            return value
-        if tok is None or tok in "+*/)":
-            raise ValueError("operand expected")
-        operands.append(float(tok))
-        return operands[-1]
-
-    def chain(sub: Callable[[], float], ops: str) -> float:
-        nonlocal pos
-        value = sub()
-        while (op := peek()) is not None and op in ops:
-            pos += 1
-            operators.append(op)
-            rhs = sub()
-            value = {"+": value + rhs, "-": value - rhs, "*": value * rhs}[op] if op != "/" else value / rhs
-        return value
-
-    def term() -> float:
-        return chain(factor, "*/")
-
-    def expr() -> float:
-        return chain(term, "+-")
-
-    try:
-        value = expr()
-    except (ValueError, ZeroDivisionError, OverflowError):
-        return None
-    if pos != len(tokens) or not operators or not math.isfinite(value):
-        return None
-    return value, operands, operators
-
-
-def _verifies(value: float, result_text: str) -> bool:
-    """`value` equals the written result, or rounds to it at the decimals shown (e.g. 10/3 = 3.33)."""
-    result = float(result_text)
-    if math.isclose(value, result, rel_tol=1e-9, abs_tol=1e-9):
-        return True
-    decimals = len(result_text.partition(".")[2])
-    return decimals > 0 and abs(value - result) <= 0.5 * 10**-decimals + 1e-9
-
-
-def _equations(line: str) -> Iterator[tuple[list[str], str]]:
-    """(left-hand tokens, written result) of every `arithmetic = number` in one normalised line."""
-    for eq in re.finditer("=", line):
-        i = j = eq.start()
-        while j > 0 and i - j <= MAX_LHS_CHARS and line[j - 1] in _LHS_CHARS:
-            j -= 1
-        rhs = _RHS.match(line, i + 1)
-        lhs = line[j:i].strip()
-        # the expression continues a word or a time: algebra ("3x + 4"), units left in ("eggs * 2"), "7:50 + 30"
-        glued = j > 0 and (line[j - 1].isalnum() or line[j - 1] == ":") and (line[j] != " " or lhs[:1] in "+-*/)")
-        if rhs is None or _RHS_STOP.match(line, rhs.end()) or i - j > MAX_LHS_CHARS or glued or not lhs:
-            continue
-        lhs = _LHS_JUNK.sub("", lhs)
-        while lhs.count("(") > lhs.count(")") and lhs.startswith("("):
-            lhs = lhs[1:]
-        tokens = _TOKEN.findall(lhs)
-        lone_percentage = len(tokens) == 5 and tokens[-2:] == ["100", ")"]  # "80% = $500" states a proportion
-        if "".join(tokens) == lhs.replace(" ", "") and not lone_percentage:
-            yield tokens, rhs.group(1)
-
-
-def find_steps(text: str) -> list[Step]:
-    """Distinct arithmetic equations in `text`, in order of first appearance, checked.
-
-    >>> [(s.operands, s.ok) for s in find_steps("48/2 = 24, then 24 x 3 = 72 and 2*24=50, 3*24=72")]
-    [((48.0, 2.0), True), ((24.0, 3.0), True), ((2.0, 24.0), False)]
-    """
-    steps, seen = [], set()
-    if len(text) > MAX_STEP_CHARS:  # whole lines only: a cut line could verify ("10 + 5 = 150" -> "10 + 5 = 15")
-        text = text[: text.rfind("\n", 0, MAX_STEP_CHARS + 1) + 1]
-    for line in text.splitlines():
-        if "=" not in line and "equal" not in line:
-            continue
-        for pattern, repl in _MATH_SUBS:
-            line = pattern.sub(repl, line)
-        for tokens, result_text in _equations(line):
-            evaluated = _evaluate(tokens)
-            if evaluated is None:
-                continue
-            value, operands, operators = evaluated
-            result = float(result_text)
-            key = (tuple(sorted(map(_key, operands))), tuple(sorted(operators)), _key(result))
-            if key not in seen:
-                seen.add(key)
-                steps.append(Step(tuple(operands), tuple(operators), result, _verifies(value, result_text)))
-    return steps
-
-
 def question_numbers(question: str) -> set[float]:
     """Numbers written with digits in `question` (rounded keys).
 
     >>> sorted(question_numbers("Janet's ducks lay 16 eggs and sells them for $2, or $1,000.50 in total."))
     [2.0, 16.0, 1000.5]
     """
-    return {_key(float(m.replace(",", ""))) for m in _QUESTION_NUMBER.findall(question)}
+    return {number_key(float(m.replace(",", ""))) for m in _QUESTION_NUMBER.findall(question)}
 
 
 @lru_cache(maxsize=1024)
@@ -254,13 +115,13 @@ def _analyse(text: str, question: str | None) -> tuple[int, int, float]:
     q_digits = question_numbers(question) if question is not None else set()
     known = set(q_digits)
     if question is not None:
-        known |= {_key(NUMBER_WORDS[w]) for w in _WORD.findall(question.lower()) if w in NUMBER_WORDS}
-        known |= {_key(float(n) / 100) for n in _PERCENT.findall(question)}
+        known |= {number_key(NUMBER_WORDS[w]) for w in _WORD.findall(question.lower()) if w in NUMBER_WORDS}
+        known |= {number_key(float(n) / 100) for n in _PERCENT.findall(question)}
     counted = true = 0
     used: set[float] = set()
     for step in find_steps(text):
-        ops = {_key(abs(x)) for x in step.operands}
-        result = _key(abs(step.result))
+        ops = {number_key(abs(x)) for x in step.operands}
+        result = number_key(abs(step.result))
         identity = result in ops and ops - {0.0, 1.0} <= {result}  # "16 + 0 = 16", "16 * 1 = 16"
         grounded = (question is None or bool(ops & known - TRIVIAL)) and not identity
         if step.ok and not grounded:
@@ -272,20 +133,41 @@ def _analyse(text: str, question: str | None) -> tuple[int, int, float]:
     return counted, true, len(used) / len(q_digits) if q_digits else 0.0
 
 
-def _per_completion(fn: Callable[[str, str, str | None], float], name: str, doc: str | None = None) -> RewardFunc:
-    """A batched TRL reward from `fn(text, gold, question) -> float`, named `name` for logging."""
+class Reward:
+    """A batched TRL reward: `fn(text, gold, question) -> float` applied to every completion.
 
-    def reward(completions: Sequence[Any], answer: Sequence[str], question: Sequence[str] | None = None,
-               **kwargs: Any) -> list[float]:
+    `fn` is a module-level function or a `functools.partial` of one, so a Reward pickles (TRL may send its
+    rewards to other processes). `__name__` is the registry name and `range` the (low, high) of every value.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[str, str, str | None], float],
+        range: tuple[float, float],
+        answer_format: str = "tags",
+        doc: str | None = None,
+    ) -> None:
+        self.__name__ = self.__qualname__ = name
+        self.fn, self.range, self.answer_format = fn, range, answer_format
+        self.__doc__ = doc or fn.__doc__
+
+    def __call__(
+        self, completions: Sequence[Any], answer: Sequence[str], question: Sequence[str] | None = None, **kwargs: Any
+    ) -> list[float]:
         questions = question if question is not None else [None] * len(completions)
-        return [fn(completion_text(c), _gold(a), q) for c, a, q in zip(completions, answer, questions, strict=True)]
+        rows = zip(completions, answer, questions, strict=True)
+        return [self.fn(completion_text(c), _gold(a), q) for c, a, q in rows]
 
-    reward.__name__ = reward.__qualname__ = name
-    reward.__doc__ = doc or fn.__doc__
-    return reward
+    def __repr__(self) -> str:
+        return f"Reward({self.__name__!r}, answer_format={self.answer_format!r})"
 
 
-def make_correct(answer_format: str = "tags", wrong: float = 0.0, name: str = "correct") -> RewardFunc:
+def _correct(text: str, gold: str, question: str | None, answer_format: str = "tags", wrong: float = 0.0) -> float:
+    return 1.0 if answers_match(extract_strict(text, answer_format), gold) else wrong
+
+
+def make_correct(answer_format: str = "tags", wrong: float = 0.0, name: str = "correct") -> Reward:
     """+1 when the strictly extracted answer equals the gold number, else `wrong`.
 
     >>> make_correct()([[{"content": "<answer>42</answer>"}], "42"], answer=["42", "42"])
@@ -294,8 +176,8 @@ def make_correct(answer_format: str = "tags", wrong: float = 0.0, name: str = "c
     [-1.0]
     """
     check_answer_format(answer_format)
-    return _per_completion(lambda t, g, q: 1.0 if answers_match(extract_strict(t, answer_format), g) else wrong, name,
-                           make_correct.__doc__)
+    fn = partial(_correct, answer_format=answer_format, wrong=wrong)
+    return Reward(name, fn, (min(wrong, 1.0), max(wrong, 1.0)), answer_format, make_correct.__doc__)
 
 
 def _structure(text: str, answer_format: str) -> tuple[bool, bool, bool, bool]:
@@ -317,17 +199,26 @@ def _structure(text: str, answer_format: str) -> tuple[bool, bool, bool, bool]:
     return one, number, reasoning, len(tail) <= 3  # "boxed": at most "$." after it
 
 
-def make_format(answer_format: str = "tags") -> RewardFunc:
+def _format(text: str, gold: str, question: str | None, answer_format: str = "tags") -> float:
+    return float(all(_structure(text, answer_format)))
+
+
+def _format_soft(text: str, gold: str, question: str | None, answer_format: str = "tags") -> float:
+    return sum(_structure(text, answer_format)) / 4
+
+
+def make_format(answer_format: str = "tags") -> Reward:
     """1 when the completion has exactly the asked structure, else 0 (strict).
 
     >>> make_format()(["<think>2+2=4</think>\\n<answer>4</answer>", "<answer>4</answer>"], answer=["4", "4"])
     [1.0, 0.0]
     """
     check_answer_format(answer_format)
-    return _per_completion(lambda t, g, q: float(all(_structure(t, answer_format))), "format", make_format.__doc__)
+    fn = partial(_format, answer_format=answer_format)
+    return Reward("format", fn, (0.0, 1.0), answer_format, make_format.__doc__)
 
 
-def make_format_soft(answer_format: str = "tags") -> RewardFunc:
+def make_format_soft(answer_format: str = "tags") -> Reward:
     """Partial format credit in [0, 1]: a quarter for each of the four checks of `format`.
 
     >>> make_format_soft()(["<answer>4</answer>", "<think>x</think><answer>4</answer><answer>4</answer>"],
@@ -335,8 +226,8 @@ def make_format_soft(answer_format: str = "tags") -> RewardFunc:
     [0.5, 0.25]
     """
     check_answer_format(answer_format)
-    return _per_completion(lambda t, g, q: sum(_structure(t, answer_format)) / 4, "format_soft",
-                           make_format_soft.__doc__)
+    fn = partial(_format_soft, answer_format=answer_format)
+    return Reward("format_soft", fn, (0.0, 1.0), answer_format, make_format_soft.__doc__)
 
 
 def _steps(text: str, gold: str, question: str | None) -> float:
@@ -383,33 +274,35 @@ def _repetition(text: str, gold: str, question: str | None) -> float:
     return min(0.0, (REPETITION_FREE - repeated) / (1 - REPETITION_FREE))
 
 
-def make_length(answer_format: str = "tags", soft: int = LENGTH_SOFT_CHARS,
-                hard: int = LENGTH_HARD_CHARS) -> RewardFunc:
+def _length(
+    text: str, gold: str, question: str | None, soft: int = LENGTH_SOFT_CHARS, hard: int = LENGTH_HARD_CHARS
+) -> float:
+    return min(0.0, max(-1.0, (soft - len(text)) / (hard - soft)))
+
+
+def make_length(answer_format: str = "tags", soft: int = LENGTH_SOFT_CHARS, hard: int = LENGTH_HARD_CHARS) -> Reward:
     """Penalty in [-1, 0]: 0 up to `soft` characters, -1 from `hard`, linear in between.
 
     >>> make_length(soft=10, hard=20)(["x" * 5, "x" * 15, "x" * 99], answer=["1"] * 3)
     [0.0, -0.5, -1.0]
     """
-    return _per_completion(lambda t, g, q: min(0.0, max(-1.0, (soft - len(t)) / (hard - soft))), "length",
-                           make_length.__doc__)
+    return Reward("length", partial(_length, soft=soft, hard=hard), (-1.0, 0.0), answer_format, make_length.__doc__)
 
 
-def _fixed(fn: Callable[[str, str, str | None], float], name: str) -> Callable[..., RewardFunc]:
-    reward = _per_completion(fn, name)
-    return lambda answer_format="tags": reward
-
-
-REWARDS: dict[str, Callable[..., RewardFunc]] = {
+# name -> factory called as `factory(answer_format=...)`; the rewards that ignore the format take it all the same
+REWARDS: dict[str, Callable[..., Reward]] = {
     "correct": make_correct,
-    "correct_pm1": lambda answer_format="tags": make_correct(answer_format, wrong=-1.0, name="correct_pm1"),
+    "correct_pm1": partial(make_correct, wrong=-1.0, name="correct_pm1"),
     "format": make_format,
     "format_soft": make_format_soft,
-    "steps": _fixed(_steps, "steps"),
-    "steps_count": _fixed(_steps_count, "steps_count"),
-    "numbers_used": _fixed(_numbers_used, "numbers_used"),
-    "repetition": _fixed(_repetition, "repetition"),
+    "steps": partial(Reward, "steps", _steps, (0.0, 1.0)),
+    "steps_count": partial(Reward, "steps_count", _steps_count, (0.0, STEP_CAP)),
+    "numbers_used": partial(Reward, "numbers_used", _numbers_used, (0.0, 1.0)),
+    "repetition": partial(Reward, "repetition", _repetition, (-1.0, 0.0)),
     "length": make_length,
 }
+# name -> (low, high) that every value of the reward lies in, read from the rewards themselves
+RANGES: dict[str, tuple[float, float]] = {name: factory().range for name, factory in REWARDS.items()}
 
 # Default ("tags") instances. "format" is only reachable through REWARDS so as not to shadow the builtin.
 correct = make_correct()
@@ -430,7 +323,7 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 
 
-def get_reward_funcs(names: Sequence[str], answer_format: str = "tags") -> list[RewardFunc]:
+def get_reward_funcs(names: Sequence[str], answer_format: str = "tags") -> list[Reward]:
     """Reward functions by registry name; an unknown name raises an error listing the valid ones.
 
     >>> [f.__name__ for f in get_reward_funcs(["correct", "steps"], "boxed")]
@@ -443,8 +336,12 @@ def get_reward_funcs(names: Sequence[str], answer_format: str = "tags") -> list[
     return [REWARDS[name](answer_format=answer_format) for name in names]
 
 
-def score_rows(rows: Sequence[dict[str, Any]], reward_funcs: Sequence[str],
-               reward_weights: Sequence[float] | None = None, answer_format: str = "tags") -> list[dict[str, Any]]:
+def score_rows(
+    rows: Sequence[dict[str, Any]],
+    reward_funcs: Sequence[str],
+    reward_weights: Sequence[float] | None = None,
+    answer_format: str = "tags",
+) -> list[dict[str, Any]]:
     """Score completions outside training: `{"total": weighted sum, "parts": {name: value}}` per row.
 
     Rows hold `question`, `answer` (a plain number or a raw GSM8K solution ending in `#### N`) and
@@ -466,5 +363,35 @@ def score_rows(rows: Sequence[dict[str, Any]], reward_funcs: Sequence[str],
         "solution": [row.get("solution") for row in rows],
     }
     values = [f(**columns) for f in funcs]
-    return [{"total": sum(w * v[i] for w, v in zip(weights, values)),
-             "parts": {name: v[i] for name, v in zip(reward_funcs, values)}} for i in range(len(rows))]
+    return [
+        {
+            "total": sum(w * v[i] for w, v in zip(weights, values)),
+            "parts": {name: v[i] for name, v in zip(reward_funcs, values)},
+        }
+        for i in range(len(rows))
+    ]
+
+
+def score_command(argv: list[str]) -> int:
+    """Score ``{"question", "answer", "completion"}`` JSONL lines; one ``{"total", "parts"}`` JSON line each."""
+    import json
+
+    from . import ArgumentParser, UserError
+
+    parser = ArgumentParser(prog="grpo-math score", description=score_command.__doc__)
+    parser.add_argument("--input", required=True, help="JSONL file ('-' for stdin)")
+    parser.add_argument("--config", help="recipe whose reward_funcs/reward_weights/answer_format to use")
+    args = parser.parse_args(argv)
+    from .config import PromptSettings
+    from .data import read_jsonl
+
+    settings = PromptSettings.load(args.config, None)
+    rows = []
+    for row, where in read_jsonl("/dev/stdin" if args.input == "-" else args.input):
+        missing = [k for k in ("question", "answer", "completion") if not isinstance(row.get(k), str)]
+        if missing:
+            raise UserError(f"{where}: field '{missing[0]}' is missing or not a string")
+        rows.append(row)
+    for result in score_rows(rows, settings.reward_funcs, settings.reward_weights, settings.answer_format):
+        print(json.dumps(result))
+    return 0

@@ -20,30 +20,24 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
-import math
 import os
 import shutil
-import time
 from pathlib import Path
 
-import yaml
-from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import UserError
+from .callbacks import AccuracyCallback, BadStepGuard, MetricsFile, SignalWatch
 from .config import GRPOMathConfig, ScriptConfig, parse_train_args, to_dict
 from .console import setup_logging, use_console
 from .data import load_gsm8k, render_plain
-from .models import apply_template, load_tokenizer, load_weights, resolve_model
+from .models import apply_template, load_tokenizer, load_weights, resolve_model, torchrun_env
 from .rewards import get_reward_funcs
-from .runfiles import CONFIG_FILE, METRICS_FILE, RUN_INFO_FILE, SFT_DIR
-
-logger = logging.getLogger(__name__)
+from .runfiles import CONFIG_FILE, METRICS_FILE, RUN_INFO_FILE, SFT_DIR, versions, write_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging(main_process=os.environ.get("RANK", "0") == "0")
+    setup_logging(main_process=torchrun_env()[0] == 0)
     script, args, model_args = parse_train_args(argv)
     resume = find_resume_checkpoint(args)
     path = resolve_model(model_args.model_name_or_path)
@@ -64,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def sft_command(argv: list[str]) -> int:
     """``grpo-math sft``: only the cold-start stage of a recipe (same flags as ``train``), into ``output_dir/sft``."""
-    setup_logging(main_process=os.environ.get("RANK", "0") == "0")
+    setup_logging(main_process=torchrun_env()[0] == 0)
     script, args, model_args = parse_train_args(argv, prog="grpo-math sft")
     if not script.sft_examples:
         raise UserError("set --sft_examples N (training solutions to fine-tune on)")
@@ -85,14 +79,30 @@ def cold_start(script: ScriptConfig, args: GRPOMathConfig, model_args, path: str
     staging = Path(args.output_dir) / ".sft-staging"
     shutil.rmtree(staging, ignore_errors=True)
     sft_args = SFTConfig(
-        output_dir=str(staging), num_train_epochs=script.sft_epochs, learning_rate=script.sft_learning_rate,
-        per_device_train_batch_size=script.sft_batch_size, lr_scheduler_type="linear", warmup_steps=0.05,
-        max_length=args.max_prompt_length + args.max_completion_length, train_sampling_strategy="group_by_length",
-        logging_steps=args.logging_steps, save_strategy="no", report_to=[], bf16=args.bf16, use_cpu=args.use_cpu,
-        seed=args.seed, activation_checkpointing=args.activation_checkpointing, dataset_num_proc=None)
-    trainer = SFTTrainer(model=load_weights(path, model_args.dtype or "float32"), args=sft_args,
-                         train_dataset=sft_data(script, tokenizer), processing_class=tokenizer,
-                         callbacks=[BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile()])
+        output_dir=str(staging),
+        num_train_epochs=script.sft_epochs,
+        learning_rate=script.sft_learning_rate,
+        per_device_train_batch_size=script.sft_batch_size,
+        lr_scheduler_type="linear",
+        warmup_steps=0.05,
+        max_length=args.max_prompt_length + args.max_completion_length,
+        train_sampling_strategy="group_by_length",
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        bf16=args.bf16,
+        use_cpu=args.use_cpu,
+        seed=args.seed,
+        activation_checkpointing=args.activation_checkpointing,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=load_weights(path, model_args.dtype or "float32"),
+        args=sft_args,
+        train_dataset=sft_data(script, tokenizer),
+        processing_class=tokenizer,
+        callbacks=[BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile()],
+    )
     use_console(trainer, "sft")
     announce(trainer, f"cold start (SFT) on {script.sft_examples} solutions")
     run_training(trainer, None)
@@ -110,9 +120,16 @@ def sft_data(script: ScriptConfig, tokenizer):
     the asked format."""
     from .data import format_solution
 
-    dataset = load_gsm8k(script.dataset_name, script.dataset_train_split, script.sft_examples,
-                         script.dataset_shuffle_seed, script.answer_format, script.system_prompt,
-                         script.num_few_shot, script.skip_bad_rows)
+    dataset = load_gsm8k(
+        script.dataset_name,
+        script.dataset_train_split,
+        script.sft_examples,
+        script.dataset_shuffle_seed,
+        script.answer_format,
+        script.system_prompt,
+        script.num_few_shot,
+        script.skip_bad_rows,
+    )
     chat = bool(getattr(tokenizer, "chat_template", None))
 
     def completion(row):
@@ -127,8 +144,10 @@ def announce(trainer, what: str) -> None:
     args, acc = trainer.args, trainer.accelerator
     if acc.is_main_process:
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-        print(f"{what}: {trainer.state.max_steps or args.max_steps} steps, {acc.num_processes} x {acc.device.type}, "
-              f"{precision} -> {args.output_dir}")
+        print(
+            f"{what}: {trainer.state.max_steps or args.max_steps} steps, {acc.num_processes} x {acc.device.type}, "
+            f"{precision} -> {args.output_dir}"
+        )
 
 
 def write_run_info(trainer) -> dict:
@@ -137,19 +156,26 @@ def write_run_info(trainer) -> dict:
     import platform
 
     import torch
-    import transformers
-    import trl
     from accelerate.utils import gather_object
 
     acc = trainer.accelerator
-    me = {"rank": acc.process_index, "local_rank": acc.local_process_index, "pid": os.getpid(),
-          "host": platform.node(), "device": str(acc.device)}
+    me = {
+        "rank": acc.process_index,
+        "local_rank": acc.local_process_index,
+        "pid": os.getpid(),
+        "host": platform.node(),
+        "device": str(acc.device),
+    }
     processes = gather_object([me])
-    info = {"world_size": acc.num_processes, "num_machines": len({p["host"] for p in processes}),
-            "processes": processes, "distributed_type": str(acc.distributed_type),
-            "device_kind": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "mixed_precision": acc.mixed_precision,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}}
+    info = {
+        "world_size": acc.num_processes,
+        "num_machines": len({p["host"] for p in processes}),
+        "processes": processes,
+        "distributed_type": str(acc.distributed_type),
+        "device_kind": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "mixed_precision": acc.mixed_precision,
+        "versions": versions(),
+    }
     if acc.is_main_process:
         Path(trainer.args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(trainer.args.output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
@@ -164,19 +190,25 @@ def run_training(trainer, resume: str | None) -> None:
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        raise UserError(f"out of disk space in {args.output_dir} at step {trainer.state.global_step}: free space, "
-                        "or lower save_total_limit / raise save_steps (each checkpoint holds model + optimizer)") from None
+        raise UserError(
+            f"out of disk space in {args.output_dir} at step {trainer.state.global_step}: free space, "
+            "or lower save_total_limit / raise save_steps (each checkpoint holds model + optimizer)"
+        ) from None
     except (MemoryError, RuntimeError) as err:
         if not isinstance(err, MemoryError) and "out of memory" not in str(err) and "can't allocate" not in str(err):
             raise
-        raise UserError(f"out of memory at step {trainer.state.global_step}: lower per_device_train_batch_size "
-                        "(raise gradient_accumulation_steps), max_completion_length or num_generations, or set "
-                        "--use_peft / --activation_checkpointing") from None
+        raise UserError(
+            f"out of memory at step {trainer.state.global_step}: lower per_device_train_batch_size "
+            "(raise gradient_accumulation_steps), max_completion_length or num_generations, or set "
+            "--use_peft / --activation_checkpointing"
+        ) from None
     guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BadStepGuard))
     if guard.stopped:
         last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        raise UserError(f"step {guard.stopped}: {guard.reason}; training stopped, last good checkpoint: "
-                        f"{last or 'none yet'} (on_bad_step: skip drops such steps instead)")
+        raise UserError(
+            f"step {guard.stopped}: {guard.reason}; training stopped, last good checkpoint: "
+            f"{last or 'none yet'} (on_bad_step: skip drops such steps instead)"
+        )
 
 
 def find_resume_checkpoint(args: GRPOMathConfig) -> str | None:
@@ -197,9 +229,17 @@ def find_resume_checkpoint(args: GRPOMathConfig) -> str | None:
 
 def load_train_data(script: ScriptConfig, tokenizer, max_prompt_length: int):
     """Training problems as prompts; plain-text prompts when the tokenizer has no chat template."""
-    dataset = load_gsm8k(script.dataset_name, script.dataset_train_split, script.dataset_limit,
-                         script.dataset_shuffle_seed, script.answer_format, script.system_prompt,
-                         script.num_few_shot, script.skip_bad_rows, skip=script.sft_examples)
+    dataset = load_gsm8k(
+        script.dataset_name,
+        script.dataset_train_split,
+        script.dataset_limit,
+        script.dataset_shuffle_seed,
+        script.answer_format,
+        script.system_prompt,
+        script.num_few_shot,
+        script.skip_bad_rows,
+        skip=script.sft_examples,
+    )
     dataset = plain_prompts(dataset, tokenizer)
     check_prompt_lengths(dataset, tokenizer, max_prompt_length)
     return dataset
@@ -220,93 +260,11 @@ def check_prompt_lengths(dataset, tokenizer, max_prompt_length: int) -> int:
         if n > longest:
             longest, where = n, i
     if longest > max_prompt_length:
-        raise UserError(f"prompt of problem {where + 1} has {longest} tokens > max_prompt_length={max_prompt_length}; "
-                        f"raise --max_prompt_length to at least {longest} (prompts are never truncated)")
+        raise UserError(
+            f"prompt of problem {where + 1} has {longest} tokens > max_prompt_length={max_prompt_length}; "
+            f"raise --max_prompt_length to at least {longest} (prompts are never truncated)"
+        )
     return longest
-
-
-class MetricsFile(TrainerCallback):
-    """Appends every log line to ``metrics.jsonl`` as ``{"step": N, ..., "elapsed_s": seconds since this process
-    started training}`` (so seconds per step can be read off a run)."""
-
-    start = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            elapsed = round(time.monotonic() - self.start, 1) if self.start is not None else None
-            with open(Path(args.output_dir) / METRICS_FILE, "a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs, "elapsed_s": elapsed}) + "\n")
-
-
-class SignalWatch(TrainerCallback):
-    """Warns once when GRPO has had no signal for ``patience`` logged steps in a row: every group's completions
-    scored the same (TRL's ``frac_reward_zero_std`` >= ``threshold``), so every advantage, and the update, is 0."""
-
-    def __init__(self, patience: int = 5, threshold: float = 0.95):
-        self.patience, self.threshold, self.streak, self.warned = patience, threshold, 0, False
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        frac = (logs or {}).get("frac_reward_zero_std")
-        if frac is None:
-            return
-        self.streak = self.streak + 1 if frac >= self.threshold else 0
-        if self.streak >= self.patience and not self.warned:
-            self.warned = True
-            logger.warning(
-                "step %d: for %d logged steps, %.0f%%+ of groups had no reward variance, so GRPO learned nothing: "
-                "add a cold start (--sft_examples), few-shot prompts (--num_few_shot), a softer reward "
-                "(format_soft, steps), a higher --temperature or a larger --num_generations",
-                state.global_step, self.streak, 100 * self.threshold)
-
-
-class BadStepGuard(TrainerCallback):
-    """Stops (or skips) steps with non-finite gradients and logs whose loss / grad norm explode.
-
-    Non-finite gradients are caught before the optimizer applies them (the gradients are dropped, so AdamW leaves
-    the weights alone); finite explosions are seen in the step's log line (pre-clipping ``grad_norm``, so the
-    applied update was still clipped to ``max_grad_norm``). With ``stop`` the step's checkpoint is not saved.
-    """
-
-    def __init__(self, action: str = "stop", bad_loss: float = 1e4, bad_grad_norm: float = 1e4):
-        self.action, self.bad_loss, self.bad_grad_norm = action, bad_loss, bad_grad_norm
-        self.stopped, self.reason, self.skipped = 0, "", []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        import torch
-
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(torch.stack(torch._foreach_norm(grads))).tolist()):
-            model.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
-            self._bad(state.global_step + 1, "gradients are NaN/inf", control)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss, norm = (logs or {}).get("loss"), (logs or {}).get("grad_norm")
-        if loss is not None and not (math.isfinite(loss) and abs(loss) <= self.bad_loss):
-            self._bad(state.global_step, f"loss is {loss:.4g} (bad_loss={self.bad_loss:g})", control)
-        elif norm is not None and not (math.isfinite(norm) and norm <= self.bad_grad_norm):
-            self._bad(state.global_step, f"grad_norm is {norm:.4g} (bad_grad_norm={self.bad_grad_norm:g})", control)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.stopped == state.global_step:
-            control.should_save = False  # the flow callback asked for a save at this step
-
-    def _bad(self, step: int, reason: str, control) -> None:
-        if self.action == "skip":
-            self.skipped.append(step)
-            logger.warning("step %d: %s; that update was dropped (on_bad_step: skip)", step, reason)
-            return
-        self.stopped, self.reason = self.stopped or step, self.reason or reason
-        control.should_training_stop, control.should_save = True, False
-
-
-def write_config(folder: Path, config: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    tmp.replace(folder / CONFIG_FILE)
 
 
 def trainer_class():
@@ -324,29 +282,39 @@ def trainer_class():
             super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
         def _save_checkpoint(self, model, trial):
-            # Single process: write checkpoint-N under .staging, add the config, then rename it into place.
-            if self.accelerator.num_processes > 1:
-                super()._save_checkpoint(model, trial)
-                if self.args.should_save:
-                    write_config(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}", self.run_config)
-                return
-            real = self.args.output_dir
+            # Every process writes checkpoint-N under .staging; after a barrier the main process adds the config and
+            # renames it into place, so a kill never leaves a half-written checkpoint-N (on one machine, or on
+            # several sharing output_dir's file system). TRL's model card goes to output_dir itself.
+            real, acc = self.args.output_dir, self.accelerator
             staging = Path(real) / ".staging"
-            shutil.rmtree(staging, ignore_errors=True)
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            acc.wait_for_everyone()
             self.args.output_dir = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = real
-            for folder in staging.glob("checkpoint-*"):
-                write_config(folder, self.run_config)
-                target = Path(real) / folder.name
-                if target.exists():
-                    shutil.rmtree(target)
-                folder.rename(target)
-            rotate_checkpoints(real, self.args.save_total_limit, self.state.best_model_checkpoint)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                publish_checkpoints(staging, Path(real), self.run_config)
+                rotate_checkpoints(real, self.args.save_total_limit, self.state.best_model_checkpoint)
+            acc.wait_for_everyone()
 
     return Trainer
+
+
+def publish_checkpoints(staging: Path, output_dir: Path, run_config: dict) -> None:
+    """Move each complete ``staging/checkpoint-N`` (config added last) and the model card into ``output_dir``."""
+    for folder in staging.glob("checkpoint-*"):
+        write_config(folder, run_config)
+        target = output_dir / folder.name
+        if target.exists():
+            shutil.rmtree(target)
+        folder.rename(target)
+    if (staging / "README.md").is_file():
+        (staging / "README.md").replace(output_dir / "README.md")
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_trainer(script: ScriptConfig, args: GRPOMathConfig, model_args, model, tokenizer, dataset):
@@ -374,13 +342,20 @@ def build_trainer(script: ScriptConfig, args: GRPOMathConfig, model_args, model,
 
 def accuracy_callback(script: ScriptConfig, args: GRPOMathConfig):
     """Greedy accuracy on the first ``eval_limit`` held-out problems every ``eval_steps`` steps."""
+    from .config import PromptSettings
     from .data import load_problems
-    from .evaluate import AccuracyCallback
+    from .evaluate import Sampling
 
     problems = load_problems(script.dataset_name, script.dataset_test_split, args.eval_limit)
-    return AccuracyCallback(problems, int(args.eval_steps), answer_format=script.answer_format,
-                            system_prompt=script.system_prompt, num_few_shot=script.num_few_shot,
-                            max_new_tokens=args.max_completion_length, batch_size=16)
+    prompt = PromptSettings(
+        answer_format=script.answer_format,
+        system_prompt=script.system_prompt,
+        num_few_shot=script.num_few_shot,
+        reward_funcs=[],
+    )
+    return AccuracyCallback(
+        problems, int(args.eval_steps), prompt, Sampling(max_new_tokens=args.max_completion_length)
+    )
 
 
 def save_final(trainer, script, args, model_args) -> None:
@@ -395,4 +370,5 @@ def save_final(trainer, script, args, model_args) -> None:
     else:
         trainer.save_model(args.output_dir)
     if acc.is_main_process:
+        trainer.create_model_card(model_name=Path(args.output_dir).resolve().name)
         write_config(Path(args.output_dir), to_dict(script, model_args, args))
