@@ -1,10 +1,10 @@
 # One-command entry points. `make smoke` trains the embedded model on the builtin problems;
-# `make test` runs the default test suite (what CI runs). Both install into .venv first.
+# `make test` runs ruff, then the default test suite (what CI runs). Both install into .venv first.
 PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 
-.PHONY: install smoke test test-slow
+.PHONY: install smoke lint test test-slow
 
 $(BIN)/grpo-math: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(BIN)/grpo-math
 smoke: install
 	$(BIN)/grpo-math train --config recipes/smoke.yaml
 
-test: install
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-slow: install

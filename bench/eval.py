@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import GSM8K_DIR, ROOT
+
 TASK = "gsm8k_grpo_math_local"
 # Environment of both tools' processes: offline, plus the thread count of --threads.
 CHILD_ENV = {
@@ -51,7 +52,7 @@ def main() -> int:
     parser.add_argument(
         "--data_dir",
         help="folder with GSM8K's test.jsonl and train.jsonl",
-        default=os.environ.get("GRPO_MATH_GSM8K_DIR") or ROOT.parent / "shared/data/gsm8k",
+        default=GSM8K_DIR,
     )
     parser.add_argument("--output", help="keep both tools' outputs here (default: a temporary folder)")
     parser.add_argument(
@@ -162,11 +163,11 @@ def run_grpo_math(model: str, dtype: str, data: Path, args, out: Path) -> dict:
 def grpo_math_prompt_tokens(model: str, data: Path, limit: int) -> float:
     """Mean prompt length of grpo-math eval's prompts (default recipe settings), in tokens."""
     from grpo_math.config import PromptSettings
-    from grpo_math.data import build_prompt, load_problems
+    from grpo_math.data import build_prompt, few_shot_examples, load_problems
     from grpo_math.models import apply_template, load_tokenizer
 
     tokenizer, prompt = load_tokenizer(model), PromptSettings()
-    shots = load_problems("builtin")[: prompt.num_few_shot] if prompt.num_few_shot else []
+    shots = few_shot_examples(prompt.num_few_shot)
     texts = [
         apply_template(tokenizer, build_prompt(p.question, prompt.answer_format, prompt.system_prompt, shots))
         for p in load_problems(str(data), "test", limit)

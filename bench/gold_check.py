@@ -8,21 +8,17 @@ with the annotations (``<<a op b=c>>``) that do not verify.
 """
 
 import argparse
-import os
 from collections import Counter
-from pathlib import Path
+
+from common import GSM8K_DIR
 
 from grpo_math.data import format_solution, load_problems
 from grpo_math.rewards import find_steps, get_reward_funcs
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--data_dir", default=os.environ.get("GRPO_MATH_GSM8K_DIR", ROOT.parent / "shared" / "data" / "gsm8k")
-    )
+    parser.add_argument("--data_dir", default=GSM8K_DIR)
     parser.add_argument("--split", default="test")
     parser.add_argument("--strip_annotations", action="store_true", help="remove <<...>> as models write")
     args = parser.parse_args()

@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
+
+from common import GSM8K_DIR
 
 from grpo_math import answers, rewards
 from grpo_math.answers import ANSWER_FORMATS, answers_match
 from grpo_math.data import Problem, format_solution, load_problems
 from grpo_math.rewards import REWARDS, get_reward_funcs
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCH = 16  # completions per reward call (TRL calls each reward once per generation batch)
 
 
@@ -109,7 +109,7 @@ def main() -> int:
     parser.add_argument(
         "--data_dir",
         help="folder with GSM8K's test.jsonl",
-        default=os.environ.get("GRPO_MATH_GSM8K_DIR") or ROOT.parent / "shared/data/gsm8k",
+        default=GSM8K_DIR,
     )
     args = parser.parse_args()
     where = "unpinned"

@@ -84,8 +84,6 @@ def no_progress_bars():
     datasets.enable_progress_bars()
 
 
-LEAD = "known gap, see the report to the lead: "
-
 # (row of docs/bad-inputs.md, argv, pieces the one error line must hold, needs the embedded model, xfail reason)
 CASES = [
     # -- model --

@@ -354,7 +354,8 @@ def test_eval_command_before_after(fake_models, tmp_path, capsys):
 )
 def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert cli.main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def make_folder(path: Path, right: set[int], n: int = 100) -> Path:

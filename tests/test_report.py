@@ -12,7 +12,8 @@ from PIL import Image
 
 from grpo_math import UserError
 from grpo_math.cli import main
-from grpo_math.report import load_run, report_command
+from grpo_math.report import report_command
+from grpo_math.rundata import load_run
 
 RUN = Path(__file__).parent / "fixtures" / "run"
 PLOTS = [
@@ -95,7 +96,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
         load_run(tmp_path)
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
     assert main(["report", str(tmp_path), "--before", str(tmp_path / "nowhere")]) == 2
-    assert "has no results.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no results.json" in err and len(err.strip().splitlines()) == 1
 
 
 # ---- headless Chromium -------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ COMMANDS = {
         "prepare_model_command",
         "resolve/convert a model; print its local HF folder",
     ),
-    "score": ("grpo_math.rewards", "score_command", "score completions from a JSONL file with a recipe's rewards"),
+    "score": ("grpo_math.score", "score_command", "score completions from a JSONL file with a recipe's rewards"),
 }
 
 

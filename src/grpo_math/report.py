@@ -1,21 +1,13 @@
-"""``grpo-math report RUN_DIR``: PNG curves and one self-contained ``report.html`` for a training run.
+"""``grpo-math report RUN_DIR``: one self-contained ``report.html`` (and the PNG curves) for a training run.
 
-Reads what a run folder holds (see ``train.py``): ``metrics.jsonl`` (TRL's log lines), ``grpo_math_config.yaml``,
-sampled completions (``completions.jsonl`` and/or TRL's ``completions/*.parquet``), the cold start's
-``sft/metrics.jsonl`` and the evaluations ``eval/base``, ``eval/sft`` and ``eval/final`` (``results.json`` +
-``samples.jsonl`` of ``grpo-math eval``; ``--before``/``--sft``/``--after`` name other folders). Writes into
-``RUN_DIR/report`` (or ``--output``)::
+Reads the run folder (``rundata.load_run``), writes the plots (``plots.write_plots``) and the page into
+``RUN_DIR/report`` (or ``--output``); ``--before``/``--sft``/``--after`` name eval folders other than
+``RUN_DIR/eval/{base,sft,final}``. ``report.html`` embeds the plots as data URIs and needs no server or network.
+Its sample browser shows each completion's reward parts, with arithmetic lines marked by the checker of the
+``steps`` reward (``steps.find_steps``): green when every equation on the line is true, red when one is false.
 
-    reward.png  reward_parts.png  completion_length.png  zero_std.png  kl.png  sft.png  eval_accuracy.png
-    before_after.png  report.html
-
-A plot is left out when the run has no data for it. ``report.html`` embeds the plots as data URIs and needs
-no server or network. Its sample browser shows each completion's reward parts, with arithmetic lines marked
-by the checker of the ``steps`` reward (``rewards.find_steps``): green when every equation on the line is
-true, red when one is false.
-
->>> series([{"step": 1, "kl": 0.5}, {"step": 2}, {"step": 3, "kl": 0.25}], "kl")
-([1, 3], [0.5, 0.25])
+>>> highlight_steps("3 + 4 = 8")
+'<mark class="bad" title="0 of 1 equations true">3 + 4 = 8</mark>'
 """
 
 from __future__ import annotations
@@ -23,16 +15,15 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ArgumentParser, UserError, data
+from . import ArgumentParser, UserError
 from .compare import compare_results
-from .metrics import format_value, is_rate
-from .rewards import MAX_STEP_CHARS, completion_text, find_steps
-from .runfiles import COMPLETIONS_DIR, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, load_results, read_config
+from .metrics import format_value
+from .plots import eval_ci, write_plots
+from .rundata import Eval, Run, is_number, load_run, numbers, series
+from .runfiles import CONFIG_FILE
+from .steps import MAX_STEP_CHARS, find_steps
 
 KEY_SETTINGS = (
     "model_name_or_path",
@@ -50,26 +41,6 @@ KEY_SETTINGS = (
     "use_peft",
     "seed",
 )
-_PART = re.compile(r"rewards/(.+)/mean$")
-
-
-@dataclass
-class Eval:
-    """One ``grpo-math eval`` output folder."""
-
-    folder: Path
-    results: dict
-    samples: list[dict]
-
-
-@dataclass
-class Run:
-    folder: Path
-    metrics: list[dict]
-    config: dict
-    completions: list[dict]  # {"step", "question", "completion", "answer", "rewards": {name: value}}
-    evals: dict[str, Eval] = field(default_factory=dict)  # "before" / "cold start" / "after"
-    sft_metrics: list[dict] = field(default_factory=list)  # the cold start's metrics.jsonl (output_dir/sft)
 
 
 def report_command(argv: list[str]) -> int:
@@ -99,221 +70,6 @@ def report_command(argv: list[str]) -> int:
     print(out / "report.html")
     return 0
 
-
-# ---------------------------------------------------------------------------------------------- loading
-
-
-def load_run(run_dir: str | Path, before: str | None = None, after: str | None = None, sft: str | None = None) -> Run:
-    """Everything the report shows, read and checked (bad input raises ``UserError`` naming the file)."""
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        raise UserError(f"run folder not found: {folder}")
-    if not (folder / METRICS_FILE).is_file():
-        raise UserError(f"{folder} has no {METRICS_FILE}: not a training run folder (grpo-math train writes one)")
-    config = read_config(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
-    run = Run(folder, _rows(folder / METRICS_FILE), config, load_completions(folder, config))
-    if (folder / "sft" / METRICS_FILE).is_file():
-        run.sft_metrics = _rows(folder / "sft" / METRICS_FILE)
-    for side, given, default in (
-        ("before", before, "eval/base"),
-        ("cold start", sft, "eval/sft"),
-        ("after", after, "eval/final"),
-    ):
-        path = Path(given) if given else folder / default
-        if given or (path / RESULTS_FILE).is_file():
-            run.evals[side] = load_eval(path)
-    return run
-
-
-def _rows(path: Path) -> list[dict]:
-    return [row for row, _ in data.read_jsonl(path)]
-
-
-def load_eval(folder: Path) -> Eval:
-    """An eval folder: ``results.json`` (required) and ``samples.jsonl`` (optional)."""
-    return Eval(folder, *load_results(folder, need_samples=False))
-
-
-def load_completions(folder: Path, config: dict) -> list[dict]:
-    """Training completions from TRL's ``completions/*.parquet`` (``log_completions``): step, prompt, completion,
-    one column per reward, advantage."""
-    paths = sorted((folder / COMPLETIONS_DIR).glob("*.parquet"))
-    if not paths:
-        return []
-    import pyarrow.parquet as pq
-
-    names, rows = config.get("reward_funcs"), []
-    for path in paths:
-        for r in pq.read_table(path).to_pylist():
-            parts = _numbers({k: v for k, v in r.items() if (k in names if names else k not in ("step", "advantage"))})
-            rows.append(
-                {
-                    "step": r.get("step"),
-                    "question": _question(r.get("question") or r.get("prompt")),
-                    "completion": completion_text(r.get("completion") or ""),
-                    "answer": r.get("answer"),
-                    "rewards": parts,
-                    "advantage": r.get("advantage"),
-                }
-            )
-    return rows
-
-
-def _question(prompt) -> str:
-    """The last user message of a chat prompt, or a plain prompt as is."""
-    if isinstance(prompt, list):
-        return completion_text([m for m in prompt if isinstance(m, dict) and m.get("role") == "user"][-1:])
-    return str(prompt or "")
-
-
-def _numbers(d: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items() if _is_number(v)}
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric, skipping lines without a step or a finite value."""
-    points = [(m["step"], float(m[key])) for m in metrics if _is_number(m.get(key)) and _is_number(m.get("step"))]
-    return [s for s, _ in points], [v for _, v in points]
-
-
-# ---------------------------------------------------------------------------------------------- plots
-
-
-def write_plots(run: Run, out: Path) -> list[tuple[str, Path]]:
-    """Write every plot the run has data for; return ``(title, path)`` pairs in display order."""
-    m = run.metrics
-    keys = list(dict.fromkeys(k for row in m for k in row))
-    parts = {_PART.match(k).group(1): series(m, k) for k in keys if _PART.match(k)}
-    evals = {k[len("eval/") :]: series(m, k) for k in keys if k.startswith("eval/") and is_rate(k[len("eval/") :])}
-    evals = {k: v for k, v in evals.items() if all(0 <= x <= 1 for x in v[1])}
-    plots = [
-        (
-            "Total reward (mean ± std over completions)",
-            "reward.png",
-            _lines({"reward": series(m, "reward")}, "reward", band=_band(m, "reward", "reward_std")),
-        ),
-        ("Reward parts (unweighted means)", "reward_parts.png", _lines(parts, "reward part")),
-        (
-            "Completion length (tokens; band: min-max)",
-            "completion_length.png",
-            _lines(
-                {
-                    "mean": series(m, "completions/mean_length"),
-                    "mean (terminated)": series(m, "completions/mean_terminated_length"),
-                },
-                "tokens",
-                band=_range(m, "completions/min_length", "completions/max_length"),
-            ),
-        ),
-        (
-            "Groups whose completions all scored the same (no GRPO signal)",
-            "zero_std.png",
-            _lines({"frac_reward_zero_std": series(m, "frac_reward_zero_std")}, "fraction of groups", ylim=(0, 1)),
-        ),
-        ("KL to the reference model", "kl.png", _lines({"kl": series(m, "kl")}, "KL")),
-        (
-            "Cold start (SFT) on formatted solutions",
-            "sft.png",
-            _lines(
-                {
-                    "loss": series(run.sft_metrics, "loss"),
-                    "token accuracy": series(run.sft_metrics, "mean_token_accuracy"),
-                },
-                "loss / accuracy",
-            ),
-        ),
-        ("In-training evaluation", "eval_accuracy.png", _lines(evals, "rate", ylim=(0, 1))),
-        ("Before / after (95% CI)", "before_after.png", _before_after(run.evals)),
-    ]
-    written = []
-    for title, name, fig in plots:
-        if fig is not None:
-            fig.suptitle(title, fontsize=11)
-            fig.savefig(out / name, dpi=100)
-            written.append((title, out / name))
-    return written
-
-
-def _figure():
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
-    ax = fig.subplots()
-    ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)  # steps and bar positions are whole numbers
-    return fig, ax
-
-
-def _lines(curves: dict, ylabel: str, band=None, ylim=None):
-    """One line per curve (plus a moving average when noisy); None when no curve has a point."""
-    curves = {label: xy for label, xy in curves.items() if xy[0]}
-    if not curves:
-        return None
-    fig, ax = _figure()
-    for label, (xs, ys) in curves.items():
-        window = len(ys) // 20
-        if window > 1:  # long noisy runs: faint raw values, solid moving average
-            (line,) = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
-            avg = [sum(ys[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(ys))]
-            ax.plot(xs, avg, color=line.get_color(), label=f"{label} (avg of {window})")
-        else:
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
-    if band and band[0]:
-        ax.fill_between(band[0], band[1], band[2], alpha=0.15, color="C0", linewidth=0)
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _band(m: list[dict], key: str, std_key: str):
-    rows = [r for r in m if _is_number(r.get(key)) and _is_number(r.get(std_key)) and _is_number(r.get("step"))]
-    return ([r["step"] for r in rows], [r[key] - r[std_key] for r in rows], [r[key] + r[std_key] for r in rows])
-
-
-def _range(m: list[dict], low: str, high: str):
-    rows = [r for r in m if _is_number(r.get(low)) and _is_number(r.get(high)) and _is_number(r.get("step"))]
-    return ([r["step"] for r in rows], [r[low] for r in rows], [r[high] for r in rows])
-
-
-def rate_metrics(evals: dict[str, Eval]) -> list[str]:
-    """Rates (accuracies, format and truncation rates) that every eval has, in the order of the first."""
-    tables = [e.results["metrics"] for e in evals.values()]
-    return [k for k in (tables[0] if tables else []) if is_rate(k) and all(_is_number(t.get(k)) for t in tables)]
-
-
-def _ci(ev: Eval) -> dict:
-    return ev.results.get("ci95") or ev.results.get("ci") or {}
-
-
-def _before_after(evals: dict[str, Eval]):
-    names = rate_metrics(evals)
-    if len(evals) < 2 or not names:
-        return None
-    fig, ax = _figure()
-    width = 0.8 / len(evals)
-    for i, (side, ev) in enumerate(evals.items()):
-        values = [ev.results["metrics"][k] for k in names]
-        ci = _ci(ev)
-        errors = [
-            [v - ci[k][0] if k in ci else 0 for k, v in zip(names, values)],
-            [ci[k][1] - v if k in ci else 0 for k, v in zip(names, values)],
-        ]
-        xs = [j + (i - (len(evals) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, values, width, yerr=errors, capsize=3, label=side)
-    ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------- HTML
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color:#222}
@@ -375,7 +131,7 @@ def _base64(path: Path) -> str:
 
 
 def _fmt(v) -> str:
-    if _is_number(v):
+    if is_number(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
     return "" if v is None else str(v)
 
@@ -385,7 +141,7 @@ def _summary(run: Run) -> str:
     facts = [
         f"model <b>{html.escape(_fmt(run.config.get('model_name_or_path', '?')))}</b>",
         f"data <b>{html.escape(_fmt(run.config.get('dataset_name', '?')))}</b>",
-        f"{len({m['step'] for m in run.metrics if _is_number(m.get('step'))})} steps logged",
+        f"{len({m['step'] for m in run.metrics if is_number(m.get('step'))})} steps logged",
     ]
     if rewards:
         k = max(1, len(rewards) // 10)
@@ -420,11 +176,11 @@ def _eval_table(evals: dict[str, Eval]) -> str:
         values = [evals[s].results["metrics"].get(name) for s in sides]
         cells = []
         for s, v in zip(sides, values):
-            ci = _ci(evals[s]).get(name)
+            ci = eval_ci(evals[s]).get(name)
             interval = f" <span class='muted'>[{_metric(name, ci[0])}, {_metric(name, ci[1])}]</span>" if ci else ""
             cells.append(f"<td class='n'>{_metric(name, v)}{interval}</td>")
         if len(sides) == 2:
-            delta = values[1] - values[0] if all(_is_number(v) for v in values) else None
+            delta = values[1] - values[0] if all(is_number(v) for v in values) else None
             cells.append(f"<td class='n'>{'' if delta is None else _metric(name, delta, sign=True)}</td>")
             if paired:
                 row = paired.get(name) or {}
@@ -442,7 +198,7 @@ def _eval_table(evals: dict[str, Eval]) -> str:
 
 
 def _metric(name: str, v, sign: bool = False) -> str:
-    if not _is_number(v):
+    if not is_number(v):
         return html.escape(_fmt(v))
     return format_value(name, v, sign)
 
@@ -499,8 +255,8 @@ def _eval_completion(c: dict) -> str:
         f"flexible {html.escape(_fmt(answers.get('flexible')) or '–')}",
         f"{_fmt(c.get('tokens'))} tokens{' (truncated)' if c.get('truncated') else ''}",
     ]
-    if _is_number(c.get("reward")):
-        facts.append(f"reward {c['reward']:.3g} ({_parts(_numbers(c.get('rewards') or {}))})")
+    if is_number(c.get("reward")):
+        facts.append(f"reward {c['reward']:.3g} ({_parts(numbers(c.get('rewards') or {}))})")
     return f"<p class='muted'>{' · '.join(facts)}</p><pre>{highlight_steps(str(c.get('text', '')))}</pre>"
 
 
@@ -547,7 +303,7 @@ def _total_formula(weights: dict[str, float]) -> str:
 
 def _training_samples(run: Run, max_samples: int) -> str:
     """Completions of up to 6 evenly spaced logged steps (first and last included), grouped by step and prompt."""
-    rows = [r for r in run.completions if _is_number(r.get("step"))]
+    rows = [r for r in run.completions if is_number(r.get("step"))]
     if not rows or max_samples == 0:
         return "<p class='muted'>No training completions logged (set log_completions to log them).</p>"
     steps = sorted({r["step"] for r in rows})

@@ -370,28 +370,3 @@ def score_rows(
         }
         for i in range(len(rows))
     ]
-
-
-def score_command(argv: list[str]) -> int:
-    """Score ``{"question", "answer", "completion"}`` JSONL lines; one ``{"total", "parts"}`` JSON line each."""
-    import json
-
-    from . import ArgumentParser, UserError
-
-    parser = ArgumentParser(prog="grpo-math score", description=score_command.__doc__)
-    parser.add_argument("--input", required=True, help="JSONL file ('-' for stdin)")
-    parser.add_argument("--config", help="recipe whose reward_funcs/reward_weights/answer_format to use")
-    args = parser.parse_args(argv)
-    from .config import PromptSettings
-    from .data import read_jsonl
-
-    settings = PromptSettings.load(args.config, None)
-    rows = []
-    for row, where in read_jsonl("/dev/stdin" if args.input == "-" else args.input):
-        missing = [k for k in ("question", "answer", "completion") if not isinstance(row.get(k), str)]
-        if missing:
-            raise UserError(f"{where}: field '{missing[0]}' is missing or not a string")
-        rows.append(row)
-    for result in score_rows(rows, settings.reward_funcs, settings.reward_weights, settings.answer_format):
-        print(json.dumps(result))
-    return 0
