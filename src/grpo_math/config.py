@@ -201,15 +201,6 @@ class GRPOMathConfig(GRPOConfig):
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every N steps."})
-    activation_checkpointing: bool | None = field(
-        default=False,
-        metadata={
-            "help": "Recompute activations in backward: less memory, more compute (recommended for >1B models on GPU)."
-        },
-    )
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
-    )
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU or CPU runs bf16 natively."}
     )

@@ -199,8 +199,8 @@ def run_training(trainer, resume: str | None) -> None:
             raise
         raise UserError(
             f"out of memory at step {trainer.state.global_step}: lower per_device_train_batch_size "
-            "(raise gradient_accumulation_steps), max_completion_length or num_generations, or set "
-            "--use_peft / --activation_checkpointing"
+            "(raise gradient_accumulation_steps), max_completion_length or num_generations, set --use_peft, "
+            "or keep --activation_checkpointing on (the default)"
         ) from None
     guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BadStepGuard))
     if guard.stopped:
