@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,15 @@ class Timers:
 
 
 def run_one(path: str, args) -> dict:
+    """One path's timed steps; its run folder (model, optimizer, completions: about 2 GB) is deleted afterwards."""
+    out = tempfile.mkdtemp(prefix=f"grpo-step-{path}-")
+    try:
+        return timed_run(path, args, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def timed_run(path: str, args, out: str) -> dict:
     import torch
     import transformers
     from transformers import TrainerCallback
@@ -174,7 +184,6 @@ def run_one(path: str, args) -> dict:
 
     setup_logging()
     timers = Timers()
-    out = tempfile.mkdtemp(prefix=f"grpo-step-{path}-")
     total_steps = args.warmup + args.steps
     flags = [
         "--config",
