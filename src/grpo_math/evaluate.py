@@ -229,9 +229,7 @@ def sampling_from(args) -> Sampling:
     """The eval flags as ``Sampling``; temperature defaults to greedy for one sample."""
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be >= 1")
-    temperature = args.temperature
-    if temperature is None:
-        temperature = 0.0 if args.samples <= 1 else -1.0  # -1: Sampling names the missing --temperature
+    temperature = 0.0 if args.temperature is None else args.temperature  # K > 1 then asks for --temperature
     return Sampling(args.samples, temperature, args.top_p, args.max_new_tokens, args.batch_size)
 
 
