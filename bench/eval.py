@@ -6,10 +6,12 @@ the wall clock covers start-up and model loading for both (each tool's own timer
 
 lm-eval runs its own ``gsm8k`` task (5-shot "Question: ... Answer:", stop at "Question:", strict-match
 and flexible-extract), read from the installed lm_eval package and pointed at the local
-``test.jsonl``/``train.jsonl`` (``dataset_path: json``), fully offline. grpo-math runs its own prompt
-(chat template, answer format of the default recipe, 0-shot). The prompts differ by design (each tool
-as it is used), so mean prompt and generated tokens are printed next to problems/s; ``--num_fewshot 0``
-gives lm-eval prompts of about grpo-math's length.
+``test.jsonl``/``train.jsonl`` (``dataset_path: json``), fully offline, with its ``first_n`` few-shot sampler
+(the first 5 train problems for every question). By default (``--prompt lm-eval``) grpo-math runs
+``eval --lm_eval_prompt``: the same prompt text and stop sequences, so both do the same token work and lm-eval's
+own extractions (``lm_eval_strict`` / ``lm_eval_flexible``) must agree within one problem; the number of problems
+whose completions differ is printed. ``--prompt chat`` gives grpo-math its own prompt (chat template, 0-shot)
+instead: then the prompts differ by design and mean prompt and generated tokens show by how much.
 
     pip install lm-eval            # developed against lm_eval 0.4.13
     python bench/eval.py           # embedded model, 64 problems, 256 new tokens, batch 16 (minutes)
@@ -48,7 +50,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_fewshot", type=int, default=5, help="lm-eval's gsm8k default is 5")
+    parser.add_argument("--prompt", choices=("lm-eval", "chat"), default="lm-eval", help="grpo-math's prompt")
     parser.add_argument(
         "--data_dir",
         help="folder with GSM8K's test.jsonl and train.jsonl",
@@ -142,34 +144,39 @@ def run_grpo_math(model: str, dtype: str, data: Path, args, out: Path) -> dict:
         dtype,
         "--output",
         str(out),
+        *(["--lm_eval_prompt"] if args.prompt == "lm-eval" else []),
     ]
     print("running grpo-math eval ...", flush=True)
     wall = timed(cmd, out / "log.txt")
     results = json.loads((out / "results.json").read_text())
     metrics = results["metrics"]
-    questions = [json.loads(line)["question"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     return {
-        "questions": questions,
+        "questions": [r["question"] for r in records],
+        "texts": [r["completions"][0]["text"] for r in records],
         "wall": wall,
         "own_seconds": results.get("seconds"),
         "metrics": metrics,
         "new_tokens": metrics.get("mean_completion_tokens"),
-        "prompt_tokens": grpo_math_prompt_tokens(model, data, args.limit),
+        "prompt_tokens": grpo_math_prompt_tokens(model, data, args.limit, args.prompt),
         "strict": metrics.get("strict_accuracy"),
         "flexible": metrics.get("flexible_accuracy"),
     }
 
 
-def grpo_math_prompt_tokens(model: str, data: Path, limit: int) -> float:
-    """Mean prompt length of grpo-math eval's prompts (default recipe settings), in tokens."""
+def grpo_math_prompt_tokens(model: str, data: Path, limit: int, style: str) -> float:
+    """Mean prompt length of grpo-math eval's prompts (lm-eval's, or the default recipe's), in tokens."""
     from grpo_math.config import PromptSettings
-    from grpo_math.data import build_prompt, few_shot_examples, load_problems
+    from grpo_math.data import build_prompt, few_shot_examples, lm_eval_prompt, load_problems
     from grpo_math.models import apply_template, load_tokenizer
 
     tokenizer, prompt = load_tokenizer(model), PromptSettings()
     shots = few_shot_examples(prompt.num_few_shot)
+    train = load_problems(str(data), "train", 5)
     texts = [
-        apply_template(tokenizer, build_prompt(p.question, prompt.answer_format, prompt.system_prompt, shots))
+        lm_eval_prompt(p.question, train)
+        if style == "lm-eval"
+        else apply_template(tokenizer, build_prompt(p.question, prompt.answer_format, prompt.system_prompt, shots))
         for p in load_problems(str(data), "test", limit)
     ]
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
@@ -187,6 +194,8 @@ def write_task(folder: Path, data: Path, max_new_tokens: int) -> None:
         dataset_path="json",
         dataset_name=None,
         dataset_kwargs={"data_files": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}},
+        fewshot_config={**spec.get("fewshot_config", {}), "sampler": "first_n"},
+        num_fewshot=5,
     )
     spec["generation_kwargs"]["max_gen_toks"] = max_new_tokens
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,8 +221,6 @@ def run_lm_eval(model: str, dtype: str, data: Path, args, out: Path) -> dict:
         str(out / "tasks"),
         "--limit",
         str(args.limit),
-        "--num_fewshot",
-        str(args.num_fewshot),
         "--batch_size",
         str(args.batch_size),
         "--device",
@@ -230,6 +237,8 @@ def run_lm_eval(model: str, dtype: str, data: Path, args, out: Path) -> dict:
     prompt_tokens, new_tokens = lm_eval_tokens(model, samples)
     return {
         "questions": [samples[i]["doc"]["question"] for i in sorted(samples)],
+        "texts": [samples[i]["resps"][0][0] for i in sorted(samples)],
+        "prompts": [samples[i]["arguments"]["gen_args_0"]["arg_0"] for i in sorted(samples)],
         "wall": wall,
         "own_seconds": float(results.get("total_evaluation_time_seconds", "nan")),
         "strict": scores.get("exact_match,strict-match"),
@@ -292,6 +301,14 @@ def report(ours: dict, theirs: dict, model: str, data: Path, args) -> None:
         print("lm-eval's extractions on grpo-math's outputs: " + ", ".join(f"{k} {v:.3f}" for k, v in extra.items()))
     same = [q.strip() for q in ours["questions"]] == [q.strip() for q in theirs["questions"]]
     print(f"same {args.limit} problems in the same order: {'yes' if same else 'NO: the comparison is not valid'}")
+    if args.prompt == "lm-eval":
+        from grpo_math.data import lm_eval_prompt, load_problems
+
+        train = load_problems(str(data), "train", 5)
+        prompts = [lm_eval_prompt(q.strip(), train) for q in ours["questions"]]
+        print(f"same prompt text as lm-eval: {sum(a == b for a, b in zip(prompts, theirs['prompts']))}/{args.limit}")
+        differ = sum(a.strip() != b.strip() for a, b in zip(ours["texts"], theirs["texts"]))
+        print(f"problems whose greedy completions differ (stripped): {differ}/{args.limit}")
     own = theirs["own_seconds"] / ours["own_seconds"] if ours["own_seconds"] and theirs["own_seconds"] else None
     print(
         f"ratio of problems/s, grpo-math / lm-eval: {theirs['wall'] / ours['wall']:.2f} (wall), "

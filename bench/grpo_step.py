@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--max_completion_length", type=int, default=64)
+    parser.add_argument("--recipe", default=str(RECIPE), help="recipe whose settings every path uses")
+    parser.add_argument("--model", help="model for every path instead of the recipe's (e.g. a local folder)")
     parser.add_argument(
         "--flags",
         nargs=argparse.REMAINDER,
@@ -67,6 +69,9 @@ def main() -> int:
             str(args.warmup),
             "--max_completion_length",
             str(args.max_completion_length),
+            "--recipe",
+            args.recipe,
+            *(["--model", args.model] if args.model else []),
             "--flags",
             *args.flags,
         ]
@@ -91,9 +96,11 @@ def cpu() -> tuple[str, list[str]]:
 
 def table(results: dict, args) -> str:
     model, flags = cpu()
+    gpu = next(iter(results.values())).get("peak_gpu_gb") is not None
     base = {name: results[name]["seconds_per_step"] for name in ("trl-fp32", "trl-bf16") if name in results}
     lines = [
         f"CPU: {model}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of avx2/avx512/amx'}",
+        *([f"GPU: {next(iter(results.values()))['device']}"] if gpu else []),
         "settings: "
         + json.dumps(
             {
@@ -116,6 +123,7 @@ def table(results: dict, args) -> str:
             f"{r['seconds_per_step']:>7.1f} {b['generate']:>9.1f} {b['rewards']:>8.3f} "
             f"{b['logp_no_grad']:>9.1f} {b['rest']:>12.1f} {r['save_seconds']:>6.1f} "
             f"{r['peak_rss_gb']:>7.1f}GB {ratios[0]:>12} {ratios[1]:>12}"
+            + (f"  GPU peak {r['peak_gpu_gb']:.1f}GB" if gpu else "")
         )
     lines.append(
         "\nbreakdown columns are seconds per timed step (tokens: mean completion length); save is one "
@@ -173,7 +181,6 @@ def run_one(path: str, args) -> dict:
 
 def timed_run(path: str, args, out: str) -> dict:
     import torch
-    import transformers
     from transformers import TrainerCallback
 
     from grpo_math.config import parse_train_args
@@ -187,7 +194,8 @@ def timed_run(path: str, args, out: str) -> dict:
     total_steps = args.warmup + args.steps
     flags = [
         "--config",
-        str(RECIPE),
+        args.recipe,
+        *(["--model_name_or_path", args.model] if args.model else []),
         "--output_dir",
         out,
         "--max_steps",
@@ -207,6 +215,7 @@ def timed_run(path: str, args, out: str) -> dict:
         "problems": len(dataset),
         "num_generations": grpo.num_generations,
         "per_device_train_batch_size": grpo.per_device_train_batch_size,
+        "gradient_accumulation_steps": grpo.gradient_accumulation_steps,
         "max_completion_length": grpo.max_completion_length,
         "temperature": grpo.temperature,
         "beta": grpo.beta,
@@ -223,8 +232,9 @@ def timed_run(path: str, args, out: str) -> dict:
 
         config = GRPOConfig(
             output_dir=out,
-            use_cpu=True,
+            use_cpu=not torch.cuda.is_available(),
             bf16=path == "trl-bf16",
+            gradient_accumulation_steps=grpo.gradient_accumulation_steps,
             max_steps=total_steps,
             save_strategy="no",
             report_to=[],
@@ -243,7 +253,7 @@ def timed_run(path: str, args, out: str) -> dict:
         )
     settings["bf16"] = bool(trainer.args.bf16)
     settings["activation_checkpointing"] = bool(trainer.args.activation_checkpointing)
-    transformers.GenerationMixin.generate = timers.wrap("generate", transformers.GenerationMixin.generate)
+    trainer._generate_single_turn = timers.wrap("generate", trainer._generate_single_turn)
     trainer._get_per_token_logps_and_entropies = timers.wrap(
         "logp_no_grad", trainer._get_per_token_logps_and_entropies, when=lambda: not torch.is_grad_enabled()
     )
@@ -282,6 +292,8 @@ def timed_run(path: str, args, out: str) -> dict:
         "save_seconds": save,
         "peak_rss_gb": max(timers.peak.values()) / 1e9,
         "peak_rss_gb_by_phase": {k: round(v / 1e9, 2) for k, v in timers.peak.items()},
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu()[0],
         "mean_completion_tokens": sum(log["completions/mean_length"] for log in logged) / max(len(logged), 1),
         "settings": settings,
         "torch": torch.__version__,

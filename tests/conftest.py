@@ -39,6 +39,24 @@ def embedded_model() -> str:
     return resolve_model("embedded")
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, embedded_model) -> str:
+    """A one-layer, 16-wide Llama with the embedded model's tokenizer and chat template (seconds to train)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(embedded_model)
+    config.update(
+        {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 8}
+    )
+    config.num_key_value_heads = 1
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_model).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(params=["cpu-bf16", "cpu-fp32"])
 def cpu_kind(request, monkeypatch) -> str:
     """Runs the test as on a CPU with native bf16 and as on an AVX2-only one (``$GRPO_MATH_CPU_BF16``, which

@@ -8,6 +8,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -244,6 +245,7 @@ def fake_generate(
     batch_size=16,
     top_p=1.0,
     progress=None,
+    **stop,
 ):
     """Even-numbered problems right for every model; odd ones right only for a model named 'trained'."""
     assert tokenizer.padding_side == "left"
@@ -299,6 +301,42 @@ def test_accuracy_callback_logs_through_the_trainer(fake_models):
     logs = {"loss": 1.0}
     callback.on_log(None, state, control, logs=logs)
     assert logs["eval/format_rate"] == 1.0 and state.log_history[-1]["eval/strict_accuracy"] == 0.5
+
+
+def test_lm_eval_prompt_is_lm_evals_gsm8k_prompt_with_its_stop_sequences(
+    fake_models, monkeypatch, tmp_path, gsm8k_dir
+):
+    seen = {}
+
+    first = json.loads((gsm8k_dir / "test.jsonl").read_text().splitlines()[0])
+
+    def generate(model, tokenizer, prompts, *args, stop_strings=(), **kwargs):
+        seen.update(prompts=prompts, stop_strings=stop_strings, kwargs=kwargs)
+        return [[out(f"She works it out.\n#### {first['answer'].split('#### ')[-1]}")] for _ in prompts]
+
+    monkeypatch.setattr(models, "generate", generate)
+    folder = tmp_path / "lm"
+    argv = ["eval", "--model", "base", "--dataset_name", str(gsm8k_dir), "--limit", "2", "--lm_eval_prompt"]
+    assert cli.main([*argv, "--output", str(folder)]) == 0
+    shots = [json.loads(line) for line in (gsm8k_dir / "train.jsonl").read_text().splitlines()[:5]]
+    blocks = [f"Question: {s['question']}\nAnswer: {s['answer']}" for s in shots]  # lm-eval: doc_to_text + target
+    assert seen["prompts"][0] == "\n\n".join([*blocks, f"Question: {first['question']}\nAnswer:"])
+    assert seen["stop_strings"] == ("Question:", "</s>", "<|im_end|>") and "stop_format" not in seen["kwargs"]
+    results = json.loads((folder / "results.json").read_text())
+    assert results["settings"]["prompt_style"] == "lm-eval" and results["settings"]["answer_format"] == "hash"
+    assert results["metrics"]["lm_eval_strict"] == 0.5  # the first problem's gold, not the second's
+
+
+def test_generate_cuts_text_at_a_stop_string(monkeypatch, embedded_model):
+    from grpo_math import prefix
+
+    tokenizer = models.load_tokenizer(embedded_model)
+    reply = tokenizer("So 72.\n#### 72\n\nQuestion: Tom has", add_special_tokens=False).input_ids
+    monkeypatch.setattr(prefix, "generate_grouped", lambda model, ids, *a, **k: [reply + [tokenizer.eos_token_id]])
+    [[done]] = models.generate(
+        SimpleNamespace(eval=lambda: None), tokenizer, ["Question: 1+1?\nAnswer:"], stop_strings=("Question:",)
+    )
+    assert done["text"] == "So 72.\n#### 72\n\n" and not done["truncated"]
 
 
 # ---- grpo-math eval / compare --------------------------------------------------------------------------

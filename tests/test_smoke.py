@@ -145,7 +145,9 @@ def test_cold_start_then_grpo_from_its_checkpoint_in_bf16_with_tensorboard(tmp_p
     def distance(a, b):
         return sum((a[k] - b[k]).abs().sum().item() for k in a)
 
-    assert distance(final, cold) < distance(final, base) / 10  # GRPO started from the cold-start weights
+    # GRPO started from the cold-start weights: one Adam step moves every weight by about the learning rate, so the
+    # final model is several times nearer the cold start than the base (from the base it would be the reverse)
+    assert distance(final, cold) < distance(final, base) / 3
     assert steps(out) == [1]
     assert json.loads((out / "run_info.json").read_text())["mixed_precision"] == "bf16"
     assert yaml.safe_load((sft / "grpo_math_config.yaml").read_text())["bf16"] is True

@@ -122,6 +122,21 @@ def find_answers(text: str, answer_format: str = "tags") -> list[tuple[int, int,
     return found
 
 
+def answer_closed(text: str, answer_format: str = "tags") -> bool:
+    """Whether `text` already holds a complete answer marker: where generation may stop (`AnswerStop`).
+
+    A `#### N` line counts once its line ends. A stray `</answer>` with no `<answer>` before it does not count.
+
+    >>> answer_closed("<think>2+2=4</think>\\n<answer>4"), answer_closed("<think>2+2=4</think>\\n<answer>4</answer>")
+    (False, True)
+    >>> answer_closed("#### 4", "hash"), answer_closed("#### 4\\n", "hash"), answer_closed("</answer>")
+    (False, True, False)
+    """
+    if answer_format == "hash":
+        return any(text[end : end + 1] == "\n" for _, end, _ in find_answers(text, "hash"))
+    return bool(find_answers(text, answer_format))
+
+
 def _same(a: str, b: str) -> bool:
     x, y = parse_number(a), parse_number(b)
     return math.isclose(x, y, rel_tol=REL_TOL, abs_tol=1e-9) if x is not None and y is not None else a == b

@@ -25,6 +25,8 @@ COMMANDS = {
         "resolve/convert a model; print its local HF folder",
     ),
     "score": ("grpo_math.score", "score_command", "score completions from a JSONL file with a recipe's rewards"),
+    "filter": ("grpo_math.passrate", "filter_command", "keep training problems with mixed pass rates (0 < p < 1)"),
+    "rft": ("grpo_math.rft", "rft_command", "rejection-sampling fine-tuning: SFT on the model's own correct answers"),
 }
 
 

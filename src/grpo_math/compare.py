@@ -63,6 +63,7 @@ def compare_results(a, b, flip_metric: str = "strict_accuracy") -> dict:
         f"{key}: {settings_a.get(key)!r} vs {settings_b.get(key)!r}"
         for key in (
             "eval_version",
+            "prompt_style",
             "answer_format",
             "system_prompt",
             "num_few_shot",

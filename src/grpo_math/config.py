@@ -89,6 +89,7 @@ class PromptSettings(PromptConfig):
 
     reward_weights: list[float] | None = None
     source: str = "defaults"
+    lm_eval_shots: list | None = None  # eval --lm_eval_prompt: lm-eval's gsm8k prompt with these worked examples
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,7 +109,7 @@ class PromptSettings(PromptConfig):
 
     @classmethod
     def from_dict(cls, config: dict, source: str) -> PromptSettings:
-        names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"source", "lm_eval_shots"}
         return cls(**{k: v for k, v in config.items() if k in names}, source=source)
 
     def as_dict(self) -> dict:
@@ -227,6 +228,24 @@ class GRPOMathConfig(GRPOConfig):
         metadata={"help": "Pre-clipping grad norm above this counts as exploding (checked at every log step)."},
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute each prompt once per group of completions: one prefill whose KV cache the group's rows "
+            "share, and one packed row per group in the log-prob forwards (prefix.py; same results as TRL's path)."
+        },
+    )
+    stop_at_answer: bool = field(
+        default=True,
+        metadata={"help": "End a rollout once its answer closes (e.g. </answer>), with EOS; no tokens after it."},
+    )
+    bf16_rollouts: bool = field(
+        default=True,
+        metadata={
+            "help": "With bf16 on and fp32 weights, generate with a bf16 copy of the policy refreshed after each "
+            "update (TRL's transformers path generates with the fp32 weights)."
+        },
+    )
 
     def __post_init__(self):
         self.use_cpu, self.bf16 = cpu_and_bf16(self.use_cpu, self.bf16, self.fp16)
@@ -289,12 +308,12 @@ def cpu_and_bf16(use_cpu: bool, bf16: bool | None, fp16: bool = False) -> tuple[
 
 
 def parse_train_args(
-    argv: list[str] | None = None, prog: str = "grpo-math train"
+    argv: list[str] | None = None, prog: str = "grpo-math train", extra: tuple = ()
 ) -> tuple[ScriptConfig, GRPOMathConfig, ModelConfig]:
-    """Parse ``--config recipe.yaml`` plus flags into the three config dataclasses."""
-    parser = TrainParser((ScriptConfig, GRPOMathConfig, ModelConfig), prog=prog)
+    """Parse ``--config recipe.yaml`` plus flags into the three config dataclasses (then the ``extra`` ones)."""
+    parser = TrainParser((ScriptConfig, GRPOMathConfig, ModelConfig, *extra), prog=prog)
     try:
-        script, grpo, model = parser.parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
+        script, grpo, model, *rest = parser.parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
     except FileNotFoundError as err:
         raise UserError(f"recipe not found: {err.filename}") from None
     except yaml.YAMLError as err:
@@ -306,10 +325,10 @@ def parse_train_args(
         )
         if unknown:
             where = "recipe key" if "config file" in message else "flag"
-            message = f"unknown {where}(s) {unknown.group(1)}; see grpo-math train --help for valid names"
+            message = f"unknown {where}(s) {unknown.group(1)}; see {prog} --help for valid names"
         raise UserError(message) from None
     grpo.reward_weights = script.reward_weights_for(grpo.reward_weights)
-    return script, grpo, model
+    return (script, grpo, model, *rest)
 
 
 def to_dict(*configs) -> dict:

@@ -1,8 +1,10 @@
 """GSM8K rows and the prompts built from them.
 
 Sources (``dataset_name``): ``openai/gsm8k`` or any hub id with GSM8K's columns; a local folder holding the
-official ``train.jsonl`` / ``test.jsonl`` (or ``.parquet``); a single such file; or ``builtin``, 60 original
-grade-school problems shipped in the package so the smoke recipe runs offline.
+official ``train.jsonl`` / ``test.jsonl`` (or ``.parquet``); a single such file; ``builtin``, 60 original
+grade-school problems shipped in the package so the smoke recipe runs offline; or ``gym:<task>[:key=value,...]``,
+a reasoning-gym task with numeric answers at a chosen difficulty (extra ``grpo-math[gym]``; seeds, sizes and the
+held-out rules are in ``gym.py``), e.g. ``gym:chain_sum:min_terms=2,max_terms=3,min_digits=1,max_digits=2``.
 
 Every row becomes ``question`` / ``answer`` (the gold number after ``####``) / ``solution`` (the reference
 reasoning) / ``prompt`` (chat messages). The prompt holds the question and instructions only: the solution and
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from . import UserError
 from .answers import check_answer_format, split_solution
+from .gym import is_gym, read_gym
 
 BUILTIN = "builtin"
 BUILTIN_FILE = Path(__file__).parent / "builtin" / "problems.jsonl"
@@ -50,9 +53,11 @@ class Problem:
 
 
 def read_rows(dataset_name: str, split: str = "train") -> list[tuple[dict, str]]:
-    """Raw ``(row, where)`` pairs from the builtin set, a local folder/file, or the hub."""
+    """Raw ``(row, where)`` pairs from the builtin set, a reasoning-gym task, a local folder/file, or the hub."""
     if dataset_name == BUILTIN:
         return read_jsonl(BUILTIN_FILE)
+    if is_gym(dataset_name):
+        return read_gym(dataset_name, split)
     path = Path(dataset_name).expanduser()
     if path.is_dir():
         for suffix in (".jsonl", ".parquet"):
@@ -188,6 +193,20 @@ def build_prompt(
         )
     messages.append({"role": "user", "content": f"{question}\n\n{INSTRUCTIONS[answer_format]}"})
     return messages
+
+
+LM_EVAL_STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval-harness gsm8k's `until`
+
+
+def lm_eval_prompt(question: str, shots: list[Problem]) -> str:
+    """lm-eval-harness's gsm8k prompt (plain text): each worked example as ``Question: …\nAnswer: <its GSM8K
+    solution, #### N>``, blank lines between, then the question; generation stops at ``LM_EVAL_STOP``.
+
+    >>> lm_eval_prompt("What is 2 + 3?", load_problems(BUILTIN)[:1]).count("Question:")
+    2
+    """
+    blocks = [f"Question: {s.question}\nAnswer: {s.solution}\n#### {s.answer}" for s in shots]
+    return "\n\n".join([*blocks, f"Question: {question}\nAnswer:"])
 
 
 def render_plain(messages: list[dict]) -> str:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from . import ArgumentParser, UserError
 from .compare import compare_results, format_comparison
-from .data import build_prompt, few_shot_examples, load_problems
+from .data import LM_EVAL_STOP, build_prompt, few_shot_examples, lm_eval_prompt, load_problems
 from .metrics import LM_EVAL_REGEX, format_value, score_problem, summarize
 from .models import torchrun_env
 from .runfiles import COMPARE_FILE, CONFIG_FILE, RESULTS_FILE, SAMPLES_FILE, read_config, versions, write_results
 
-EVAL_VERSION = 1  # bump when prompts, extraction or metric definitions change
+EVAL_VERSION = 2  # bump when prompts, extraction or metric definitions change (2: generation stops at the answer)
 
 
 @dataclass
@@ -74,9 +74,14 @@ def evaluate_model(
 
     sampling = sampling or Sampling()
     rank, world, dist = _distributed()
-    shots = few_shot_examples(prompt.num_few_shot)
     mine = list(range(rank, len(problems), world))
-    prompts = [build_prompt(problems[i].question, prompt.answer_format, prompt.system_prompt, shots) for i in mine]
+    if prompt.lm_eval_shots is not None:
+        prompts = [lm_eval_prompt(problems[i].question, prompt.lm_eval_shots) for i in mine]
+        stop = {"stop_strings": LM_EVAL_STOP}
+    else:
+        shots = few_shot_examples(prompt.num_few_shot)
+        prompts = [build_prompt(problems[i].question, prompt.answer_format, prompt.system_prompt, shots) for i in mine]
+        stop = {"stop_format": prompt.answer_format}
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         with _ProgressBar(len(prompts), enabled=progress and rank == 0) as on_batch:
@@ -90,6 +95,7 @@ def evaluate_model(
                 sampling.batch_size,
                 sampling.top_p,
                 progress=on_batch,
+                **stop,
             )
     finally:
         tokenizer.padding_side = padding_side
@@ -189,6 +195,12 @@ def make_parser() -> ArgumentParser:
         "with a trained model, else the defaults)",
     )
     parser.add_argument("--skip_bad_rows", action="store_true", help="skip rows without a parseable gold answer")
+    parser.add_argument(
+        "--lm_eval_prompt",
+        action="store_true",
+        help="lm-eval-harness's gsm8k prompt: 5-shot 'Question: ...\\nAnswer:' from the first 5 train problems (its "
+        "first_n sampler), plain text, stop at 'Question:'; answers read as '#### N'",
+    )
     parser.add_argument("--output", help="result folder (default: runs/eval/<model>)")
     parser.add_argument(
         "--before-after",
@@ -210,6 +222,9 @@ def eval_command(argv: list[str]) -> int:
     rank, _, _ = _init_distributed()
     prompt = PromptSettings.load(args.config, args.before_after or args.model)
     problems = load_problems(args.dataset_name, args.split, args.limit, None, args.skip_bad_rows)
+    if args.lm_eval_prompt:
+        prompt.answer_format, prompt.system_prompt, prompt.num_few_shot = "hash", None, 5
+        prompt.lm_eval_shots = load_problems(args.dataset_name, "train", 5)
     data = {
         "dataset_name": args.dataset_name,
         "split": args.split,
@@ -266,10 +281,14 @@ def eval_before_after(args, problems, data: dict, prompt, sampling: Sampling, ma
 
 def run_eval(model_name: str, problems, data: dict, prompt, sampling: Sampling, args, output: Path) -> dict:
     """Evaluate ``model_name`` on ``problems`` and (rank 0) write ``output``; return the results (``{}`` elsewhere)."""
+    import torch
+
     model, tokenizer, path = load_for_eval(model_name, args.dtype)
     metrics, records, seconds = timed_evaluation(model, tokenizer, problems, prompt, sampling, args.seed)
     dtype = str(model.dtype).removeprefix("torch.")
-    free(model)  # before-after loads the second model next
+    del model  # freed before before-after loads the second model (a helper's `del` would free nothing)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if not records:
         return {}
     results = results_record(model_name, path, dtype, data, prompt, sampling, args, metrics, records, seconds)
@@ -297,14 +316,6 @@ def timed_evaluation(model, tokenizer, problems, prompt, sampling: Sampling, see
     return metrics, records, time.perf_counter() - start
 
 
-def free(model) -> None:
-    import torch
-
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def results_record(model_name, path, dtype, data, prompt, sampling, args, metrics, records, seconds) -> dict:
     """The ``results.json`` object: metrics, intervals, the model, the data, every setting and the timing."""
     import torch
@@ -318,6 +329,7 @@ def results_record(model_name, path, dtype, data, prompt, sampling, args, metric
         "data": data,
         "settings": {
             "eval_version": EVAL_VERSION,
+            "prompt_style": "chat" if prompt.lm_eval_shots is None else "lm-eval",
             **prompt.as_dict(),
             "prompt_settings_from": prompt.source,
             "samples": sampling.samples,

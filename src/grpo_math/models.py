@@ -242,47 +242,51 @@ def generate(
     batch_size: int = 16,
     top_p: float = 1.0,
     progress=None,
+    stop_format: str | None = None,
+    stop_strings: tuple[str, ...] = (),
 ) -> list[list[dict]]:
-    """Batched generation: left padding, prompts sorted by length, each sequence stopped at EOS.
+    """Batched generation through training's rollout path (``prefix.generate_grouped``): left padding, prompts
+    sorted by length, each prompt prefilled once for its ``num_samples`` samples, each sequence stopped at EOS or,
+    with ``stop_format``, once its answer in that format closes, or at the first of ``stop_strings`` (cut off).
 
     Returns, per prompt and in input order, ``num_samples`` dicts ``{"text", "tokens", "truncated"}``.
     ``temperature=0`` is greedy. ``progress`` (optional) is called with ``(n_prompts_done, n_new_tokens)``.
     """
-    import torch
+    from transformers import GenerationConfig
+
+    from .prefix import generate_grouped
 
     texts = [apply_template(tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     results: list[list[dict]] = [[] for _ in texts]
-    sample_kwargs = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sample = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    eos = tokenizer.eos_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[eos],
+        top_k=None,
+        stop_strings=list(stop_strings) or None,
+        **sample,
     )
     per_batch = max(1, batch_size // num_samples)
     model.eval()
     for start in range(0, len(order), per_batch):
         chunk = order[start : start + per_batch]
-        enc = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(
-            model.device
+        ids = [tokenizer(texts[i], add_special_tokens=False).input_ids for i in chunk for _ in range(num_samples)]
+        stop = (tokenizer, stop_format) if stop_format else None
+        rows = generate_grouped(
+            model, ids, config, tokenizer.pad_token_id, [eos], True, stop, tokenizer if stop_strings else None
         )
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                top_k=None,
-                **sample_kwargs,
-            )
-        new = out[:, enc["input_ids"].shape[1] :]
         new_tokens = 0
-        for row, ids in enumerate(new.tolist()):
-            ended = tokenizer.eos_token_id in ids
-            ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
-            ids = [t for t in ids if t != tokenizer.pad_token_id]
-            new_tokens += len(ids)
-            results[chunk[row // num_samples]].append(
-                {"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": len(ids), "truncated": not ended}
-            )
+        for row, tokens in enumerate(rows):
+            ended = bool(tokens) and tokens[-1] == eos
+            tokens = tokens[:-1] if ended else tokens
+            new_tokens += len(tokens)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            for s in stop_strings:
+                ended, text = ended or s in text, text.split(s)[0]
+            results[chunk[row // num_samples]].append({"text": text, "tokens": len(tokens), "truncated": not ended})
         if progress:
             progress(len(chunk), new_tokens)
     return results

@@ -320,6 +320,11 @@ PRESETS: dict[str, dict[str, float]] = {
     "default": {"correct": 1.0, "format_soft": 0.25, "steps": 0.25, "repetition": 0.5, "length": 0.25},
     # The notebook's shaping: +0.4 for the answer, +0.2 per verified step (capped at 1.0).
     "notebook": {"correct": 0.4, "steps_count": 1.0},
+    # Correctness alone carries the signal (DeepSeek-R1's accuracy + format): for a policy that already answers in
+    # the format (after a cold start, or the default preset's first steps). No steps or numbers shaping, which a
+    # policy can raise without being right; format_soft stays, small (at most 0.1, a tenth of a correct answer),
+    # so the format cannot drift and all-wrong groups still rank well-formed answers above broken ones.
+    "correctness": {"correct": 1.0, "format_soft": 0.1},
 }
 
 

@@ -23,6 +23,8 @@ RUN_INFO_FILE = "run_info.json"
 SFT_DIR = "sft"
 COMPLETIONS_DIR = "completions"
 RESULTS_FILE, SAMPLES_FILE, COMPARE_FILE = "results.json", "samples.jsonl", "compare.json"
+PASSRATES_FILE, FILTER_FILE = "passrates.jsonl", "filter.json"  # grpo-math filter (with train.jsonl)
+RFT_DATA_FILE, RFT_FILE = "rft_data.jsonl", "rft.json"  # grpo-math rft (beside the checkpoint)
 
 
 def write_results(folder: Path, results: dict, records: list[dict]) -> None:

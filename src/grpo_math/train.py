@@ -68,16 +68,25 @@ def sft_command(argv: list[str]) -> int:
 
 
 def cold_start(script: ScriptConfig, args: GRPOMathConfig, model_args, path: str, tokenizer) -> str:
-    """Stage 1, DeepSeek-R1's cold start: TRL's ``SFTTrainer`` on the first ``sft_examples`` training solutions
-    rewritten into the asked format (loss on the completion only). Returns ``output_dir/sft``, the folder GRPO
-    starts from; it is trained under ``.sft-staging`` and renamed when complete, and reused when present."""
+    """Stage 1, DeepSeek-R1's cold start: ``sft_stage`` on the first ``sft_examples`` training solutions rewritten
+    into the asked format. Returns ``output_dir/sft``, the folder GRPO starts from, reused when complete."""
+    final = Path(args.output_dir) / SFT_DIR
+    if not (final / CONFIG_FILE).is_file():
+        what = f"cold start (SFT) on {script.sft_examples} solutions"
+        config = to_dict(script, model_args, args)
+        sft_stage(script, args, model_args, path, tokenizer, sft_data(script, tokenizer), final, what, config)
+    return str(final)
+
+
+def sft_stage(script, args, model_args, path: str, tokenizer, dataset, final: Path, what: str, config: dict) -> None:
+    """TRL's ``SFTTrainer`` (loss on the completion only; the recipe's ``sft_*`` settings) from the model at ``path``
+    on prompt-completion rows, for the cold start and ``grpo-math rft``. Trained under ``final/.sft-staging``, whose
+    files are moved into ``final`` when complete; ``config`` (``grpo_math_config.yaml``) is written last."""
     from trl import SFTConfig, SFTTrainer
 
-    final = Path(args.output_dir) / SFT_DIR
-    if (final / CONFIG_FILE).is_file():
-        return str(final)
-    staging = Path(args.output_dir) / ".sft-staging"
+    staging = final / ".sft-staging"
     shutil.rmtree(staging, ignore_errors=True)
+    (final / CONFIG_FILE).unlink(missing_ok=True)  # a retrained folder is incomplete until its config is back
     sft_args = SFTConfig(
         output_dir=str(staging),
         num_train_epochs=script.sft_epochs,
@@ -99,20 +108,22 @@ def cold_start(script: ScriptConfig, args: GRPOMathConfig, model_args, path: str
     trainer = SFTTrainer(
         model=load_weights(path, model_args.dtype or "float32"),
         args=sft_args,
-        train_dataset=sft_data(script, tokenizer),
+        train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile()],
     )
     use_console(trainer, "sft")
-    announce(trainer, f"cold start (SFT) on {script.sft_examples} solutions")
+    announce(trainer, what)
     run_training(trainer, None)
     trainer.save_model(str(staging))
     if trainer.accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        write_config(staging, to_dict(script, model_args, args))  # written last: marks the folder complete
-        staging.rename(final)
+        for item in staging.iterdir():
+            if (final / item.name).is_dir():
+                shutil.rmtree(final / item.name)
+            item.replace(final / item.name)
+        staging.rmdir()
+        write_config(final, config)  # written last: marks the folder complete
     trainer.accelerator.wait_for_everyone()
-    return str(final)
 
 
 def sft_data(script: ScriptConfig, tokenizer):
@@ -130,11 +141,20 @@ def sft_data(script: ScriptConfig, tokenizer):
         script.num_few_shot,
         script.skip_bad_rows,
     )
+
+    def target(row):
+        return format_solution(row["solution"], row["answer"], script.answer_format, script.sft_keep_annotations)
+
+    return prompt_completion(dataset, tokenizer, target)
+
+
+def prompt_completion(dataset, tokenizer, target):
+    """SFT rows: each row's ``prompt`` and ``target(row)`` as its completion, both chat messages, or plain text
+    when the tokenizer has no chat template."""
     chat = bool(getattr(tokenizer, "chat_template", None))
 
     def completion(row):
-        target = format_solution(row["solution"], row["answer"], script.answer_format, script.sft_keep_annotations)
-        return {"completion": [{"role": "assistant", "content": target}] if chat else target}
+        return {"completion": [{"role": "assistant", "content": target(row)}] if chat else target(row)}
 
     return plain_prompts(dataset.map(completion), tokenizer).select_columns(["prompt", "completion"])
 
@@ -268,11 +288,14 @@ def check_prompt_lengths(dataset, tokenizer, max_prompt_length: int) -> int:
 
 
 def trainer_class():
-    """TRL's GRPOTrainer whose checkpoints appear atomically (built lazily: importing TRL's trainer is slow)."""
+    """TRL's GRPOTrainer with prefix sharing (``prefix.PrefixSharing``) and checkpoints that appear atomically
+    (built lazily: importing TRL's trainer is slow)."""
     from transformers.trainer_utils import rotate_checkpoints
     from trl import GRPOTrainer
 
-    class Trainer(GRPOTrainer):
+    from .prefix import PrefixSharing
+
+    class Trainer(PrefixSharing, GRPOTrainer):
         run_config: dict = {}
 
         def _issue_warnings_after_load(self, load_result):
@@ -334,6 +357,7 @@ def build_trainer(script: ScriptConfig, args: GRPOMathConfig, model_args, model,
         callbacks=callbacks,
     )
     trainer.run_config = to_dict(script, model_args, args)
+    trainer.answer_format = script.answer_format  # rollouts stop once this format's answer closes
     use_console(trainer)
     if args.eval_limit:
         callbacks[0].trainer = trainer  # so eval/* metrics land in the step's own log line

@@ -1,0 +1,188 @@
+"""The fast GRPO step (``prefix.py``) changes nothing but time: grouped generation gives plain ``generate``'s tokens,
+the packed forward gives TRL's log-probs, entropies and gradients, the stop rule never ends a completion before its
+answer closes, the bf16 rollout copy follows the weights, and a training step logs the same numbers either way."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from trl.trainer.utils import add_fused_lm_head
+
+from grpo_math import cli
+from grpo_math.answers import answer_closed
+from grpo_math.prefix import AnswerStop, PrefixSharing, cut, generate_grouped, packed_logps, pad_rows
+
+
+def small_llama(vocab: int = 300, layers: int = 2) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=2,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model):
+    return AutoTokenizer.from_pretrained(embedded_model)
+
+
+def batch(groups: list[tuple[list[int], int]], width: int, seed: int = 0):
+    """TRL's layout: prompts left-padded, completions right-padded to ``width``, ``G`` rows per prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [int(torch.randint(0, width + 1, (1,), generator=gen)) for _, g in groups for _ in range(g)]
+    prompts = [p for p, g in groups for _ in range(g)]
+    rows = [(p, torch.randint(3, 300, (n,), generator=gen).tolist()) for p, n in zip(prompts, lengths)]
+    longest = max(len(p) for p, _ in rows)
+    ids = torch.full((len(rows), longest + width), 2)
+    mask = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(rows):
+        ids[i, longest - len(p) : longest], mask[i, longest - len(p) : longest] = torch.tensor(p), 1
+        ids[i, longest : longest + len(c)], mask[i, longest : longest + len(c)] = torch.tensor(c, dtype=torch.long), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_forward_gives_trls_logps_entropies_and_gradients(attention):
+    width = 7
+    # prompts sharing [5] or [5, 6] (as few-shot examples would); one is nothing but the shared part and its last token
+    groups = [([5, 6, 7, 8, 9], 3), ([5, 6, 10, 11, 12, 13, 14, 15], 4), ([5, 6, 16], 1), ([5, 18, 19], 2)]
+    ids, mask = batch(groups, width)
+    models = []
+    for _ in range(2):
+        model = small_llama()
+        model.config._attn_implementation = attention
+        add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+        models.append(model)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :-width] = -100
+    theirs = models[0](input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    mask_dtype = torch.float32 if attention == "eager" else None
+    logps, entropies = packed_logps(models[1], ids, mask, width, compute_entropy=True, mask_dtype=mask_dtype)
+    torch.testing.assert_close(logps, theirs.log_probs[:, -width:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropies, theirs.entropy[:, -width:], atol=1e-5, rtol=0)
+    weights = torch.randn(logps.shape)  # any loss of the log-probs: the gradients agree too
+    (theirs.log_probs[:, -width:] * weights).sum().backward()
+    (logps * weights).sum().backward()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+    chunked, _ = packed_logps(models[1], ids, mask, width, batch_size=7, mask_dtype=mask_dtype)  # [5, 6], then [5]
+    torch.testing.assert_close(chunked, logps, atol=1e-6, rtol=0)
+
+
+def test_packed_forward_declines_a_completion_mask_with_holes():
+    ids, mask = batch([([5, 6, 7], 2)], 4)
+    mask[0, -4:] = torch.tensor([1, 0, 1, 0])
+    model = small_llama()
+    add_fused_lm_head(model)
+    assert packed_logps(model, ids, mask, 4) is None
+
+
+def test_grouped_generation_gives_plain_generates_tokens(tokenizer):
+    model = small_llama(vocab=len(tokenizer)).eval()
+    shots = tokenizer("Example: 1 + 1 = 2. Example: 2 * 3 = 6.\n").input_ids  # a prefix every prompt shares
+    questions = ["What is 2+3?", "Apples cost 4 each; 5 apples cost?", "Half of 48?"]
+    prompts = [shots + tokenizer(q).input_ids for q, g in zip(questions, (3, 3, 1)) for _ in range(g)]
+    eos = [tokenizer.eos_token_id]
+    greedy = GenerationConfig(
+        max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos
+    )
+    ids, mask = pad_rows(prompts, tokenizer.pad_token_id, "cpu")
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy)[:, ids.shape[1] :].tolist()
+    shared = generate_grouped(model, prompts, greedy, tokenizer.pad_token_id, eos, share_prompt=True)
+    assert shared == [cut(row, eos, None) for row in plain]
+    distinct = prompts[2:5]  # no two equal: only the shared prefix is prefilled once (greedy evaluation)
+    assert generate_grouped(model, distinct, greedy, tokenizer.pad_token_id, eos) == shared[2:5]
+    sampled = GenerationConfig(**{**greedy.to_diff_dict(), "do_sample": True, "temperature": 1.0, "top_k": None})
+    torch.manual_seed(1)
+    a = generate_grouped(model, prompts, sampled, tokenizer.pad_token_id, eos, share_prompt=True)
+    torch.manual_seed(1)
+    b = generate_grouped(model, prompts, sampled, tokenizer.pad_token_id, eos, share_prompt=False)
+    assert a == b and len({tuple(r) for r in a}) > 2  # same samples, and they do differ within a group
+
+
+text_piece = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<", ">", "/", "answer", "\n", " ", "4"])
+text_piece |= st.text(alphabet="ab 12<>/\n}{#", max_size=6)
+
+
+MARKERS = {"tags": "<answer> 4</answer>", "hash": "#### 4\n", "boxed": "\\boxed{4}"}
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    before=st.lists(text_piece, max_size=8),
+    marker=st.sampled_from([*MARKERS.values(), ""]),
+    after=st.lists(text_piece, max_size=6),
+    answer_format=st.sampled_from(list(MARKERS)),
+)
+def test_stop_rule_ends_a_completion_exactly_when_its_answer_closes(tokenizer, before, marker, after, answer_format):
+    """Fed token by token as ``generate`` would, ``AnswerStop`` stops at the first token after which the text holds
+    a closed answer (``answers.answer_closed``), never before it; ``cut`` keeps those tokens and adds EOS."""
+    prompt = tokenizer("Q: 2+2?").input_ids
+    tokens = tokenizer("".join(before) + marker + "".join(after), add_special_tokens=False).input_ids
+    stop = AnswerStop(tokenizer, answer_format, len(prompt), [tokenizer.eos_token_id])
+    for t in range(1, len(tokens) + 1):
+        stop(torch.tensor([prompt + tokens[:t]]), None)
+    closes = [t for t in range(1, len(tokens) + 1) if answer_closed(tokenizer.decode(tokens[:t]), answer_format)]
+    assert stop.stopped.get(0) == (closes[0] if closes else None)
+    kept = cut(tokens, [tokenizer.eos_token_id], stop.stopped.get(0))
+    if closes:
+        assert kept == tokens[: closes[0]] + [tokenizer.eos_token_id]
+
+
+def test_bf16_rollout_copy_follows_the_weights():
+    model = small_llama()
+    add_fused_lm_head(model)
+    owner = SimpleNamespace(
+        args=SimpleNamespace(bf16=True, bf16_rollouts=True),
+        is_deepspeed_enabled=False,
+        is_fsdp_enabled=False,
+        state=SimpleNamespace(global_step=0),
+        _rollout=None,
+        _rollout_step=None,
+    )
+    copy = PrefixSharing._rollout_model(owner, model)
+    assert copy is not model and {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    assert all(b.dtype == torch.float32 for b in copy.buffers())  # rotary frequencies keep full precision
+    assert "forward" not in copy.__dict__  # not TRL's fused head, whose closure calls the original model
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    assert PrefixSharing._rollout_model(owner, model) is copy and copy.model.norm.weight[0] == 1  # same step
+    owner.state.global_step = 1
+    assert PrefixSharing._rollout_model(owner, model).model.norm.weight[0] == 2  # refreshed after an update
+    owner.args.bf16 = False
+    assert PrefixSharing._rollout_model(owner, model) is model
+
+
+def test_a_training_step_logs_the_same_numbers_with_or_without_sharing(tiny_model, tmp_path, capsys):
+    logs = {}
+    for share in ("true", "false"):
+        out = tmp_path / share
+        flags = [
+            "train",
+            "--config",
+            "recipes/smoke.yaml",
+            "--model_name_or_path",
+            tiny_model,
+            "--output_dir",
+            str(out),
+        ]
+        flags += ["--max_steps", "1", "--max_completion_length", "16", "--share_prompt", share, "--bf16", "false"]
+        flags += ["--save_steps", "100", "--beta", "0.02"]
+        assert cli.main(flags) == 0
+        logs[share] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
+    keys = ("loss", "reward", "completions/mean_length", "kl", "entropy", "grad_norm")
+    for key in keys:
+        assert logs["true"][key] == pytest.approx(logs["false"][key], rel=1e-4, abs=1e-6), key
