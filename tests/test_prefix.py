@@ -186,3 +186,23 @@ def test_a_training_step_logs_the_same_numbers_with_or_without_sharing(tiny_mode
     keys = ("loss", "reward", "completions/mean_length", "kl", "entropy", "grad_norm")
     for key in keys:
         assert logs["true"][key] == pytest.approx(logs["false"][key], rel=1e-4, abs=1e-6), key
+
+
+def test_rows_set_aside_after_a_first_round_continue_to_the_same_tokens(tiny_model, monkeypatch):
+    """``models.generate`` continues rows still going after ``CONTINUE_AFTER`` tokens in a second round: greedy,
+    the texts, token counts and flags equal one uninterrupted round, and progress counts every prompt once."""
+    from grpo_math import models
+
+    model, tokenizer = models.load_weights(tiny_model, "float32"), models.load_tokenizer(tiny_model)
+    prompts = ["What is 2 + 3?", "Tom has 4 apples and eats one. How many are left?", "Half of 48?"]
+    runs, seen = [], []
+    for after in (1000, 5):
+        monkeypatch.setattr(models, "CONTINUE_AFTER", after)
+        runs.append(
+            models.generate(
+                model, tokenizer, prompts, max_new_tokens=12, batch_size=2, progress=lambda *a: seen.append(a)
+            )
+        )
+        runs[-1] = [[(c["text"], c["tokens"], c["truncated"]) for c in out] for out in runs[-1]]
+    assert runs[0] == runs[1] and any(tokens > 5 for out in runs[0] for _, tokens, _ in out)
+    assert sum(done for done, _ in seen[:2]) == 3  # the first run's two batches

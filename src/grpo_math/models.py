@@ -232,6 +232,9 @@ def apply_template(tokenizer, messages: list[dict] | str) -> str:
     return render_plain(messages)
 
 
+CONTINUE_AFTER = 64  # new tokens after which a row still going waits, then continues with the others (generate)
+
+
 def generate(
     model,
     tokenizer,
@@ -245,9 +248,12 @@ def generate(
     stop_format: str | None = None,
     stop_strings: tuple[str, ...] = (),
 ) -> list[list[dict]]:
-    """Batched generation through training's rollout path (``prefix.generate_grouped``): left padding, prompts
-    sorted by length, each prompt prefilled once for its ``num_samples`` samples, each sequence stopped at EOS or,
-    with ``stop_format``, once its answer in that format closes, or at the first of ``stop_strings`` (cut off).
+    """Batched generation through training's rollout path (``prefix.generate_grouped``): prompts sorted by length,
+    each prompt prefilled once for its ``num_samples`` samples (and what all prompts share once per batch), each
+    sequence stopped at EOS, with ``stop_format`` once its answer in that format closes, or at the first of
+    ``stop_strings`` (cut off). A batch decodes until its longest row stops, so rows still going after
+    ``CONTINUE_AFTER`` tokens are set aside and continued together at the end: one long tail instead of one per
+    batch (same greedy tokens; a test checks it).
 
     Returns, per prompt and in input order, ``num_samples`` dicts ``{"text", "tokens", "truncated"}``.
     ``temperature=0`` is greedy. ``progress`` (optional) is called with ``(n_prompts_done, n_new_tokens)``.
@@ -258,37 +264,65 @@ def generate(
 
     texts = [apply_template(tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    results: list[list[dict]] = [[] for _ in texts]
+    rows = [(i, tokenizer(texts[i], add_special_tokens=False).input_ids) for i in order for _ in range(num_samples)]
+    generated, ended, left = [[] for _ in rows], [False] * len(rows), dict.fromkeys(order, num_samples)
     sample = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
-    eos = tokenizer.eos_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=[eos],
-        top_k=None,
-        stop_strings=list(stop_strings) or None,
-        **sample,
-    )
-    per_batch = max(1, batch_size // num_samples)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stop = (tokenizer, stop_format) if stop_format else None
     model.eval()
-    for start in range(0, len(order), per_batch):
-        chunk = order[start : start + per_batch]
-        ids = [tokenizer(texts[i], add_special_tokens=False).input_ids for i in chunk for _ in range(num_samples)]
-        stop = (tokenizer, stop_format) if stop_format else None
-        rows = generate_grouped(
-            model, ids, config, tokenizer.pad_token_id, [eos], True, stop, tokenizer if stop_strings else None
+
+    def decode(r: int) -> str:
+        return tokenizer.decode(generated[r], skip_special_tokens=True)
+
+    def run(todo: list[int], budget: int, size: int, last: bool) -> None:
+        config = GenerationConfig(
+            max_new_tokens=budget,
+            pad_token_id=pad,
+            eos_token_id=[eos],
+            top_k=None,
+            stop_strings=list(stop_strings) or None,
+            **sample,
         )
-        new_tokens = 0
-        for row, tokens in enumerate(rows):
-            ended = bool(tokens) and tokens[-1] == eos
-            tokens = tokens[:-1] if ended else tokens
-            new_tokens += len(tokens)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            for s in stop_strings:
-                ended, text = ended or s in text, text.split(s)[0]
-            results[chunk[row // num_samples]].append({"text": text, "tokens": len(tokens), "truncated": not ended})
-        if progress:
-            progress(len(chunk), new_tokens)
+        for start in range(0, len(todo), size):
+            part = todo[start : start + size]
+            outs = generate_grouped(
+                model,
+                [rows[r][1] + generated[r] for r in part],
+                config,
+                pad,
+                [eos],
+                True,
+                stop,
+                tokenizer if stop_strings else None,
+                [len(generated[r]) for r in part],
+            )
+            done, tokens = 0, 0
+            for r, out in zip(part, outs):
+                ended[r] = bool(out) and out[-1] == eos
+                out = out[:-1] if ended[r] else out
+                while out and out[-1] == pad:  # after a stop string, where the pad token is not EOS
+                    out = out[:-1]
+                generated[r] += out
+                ended[r] = ended[r] or any(s in decode(r) for s in stop_strings)
+                tokens += len(out)
+                if ended[r] or last or len(generated[r]) >= max_new_tokens:
+                    left[rows[r][0]] -= 1
+                    done += left[rows[r][0]] == 0
+            if progress:
+                progress(done, tokens)
+
+    first = min(max_new_tokens, CONTINUE_AFTER)
+    run(list(range(len(rows))), first, max(1, batch_size // num_samples) * num_samples, first == max_new_tokens)
+    going = [r for r in range(len(rows)) if not ended[r] and len(generated[r]) < max_new_tokens]
+    going.sort(key=lambda r: len(rows[r][1]) + len(generated[r]), reverse=True)
+    if going:
+        run(going, max_new_tokens - first, batch_size, True)
+    results: list[list[dict]] = [[] for _ in texts]
+    for r, (i, _) in enumerate(rows):
+        text = decode(r)
+        for s in stop_strings:
+            text = text.split(s)[0]
+        results[i].append({"text": text, "tokens": len(generated[r]), "truncated": not ended[r]})
     return results
 
 

@@ -70,9 +70,12 @@ class AnswerStop(StoppingCriteria):
 
     TRIGGERS = {"tags": ">", "boxed": "}", "hash": "\n"}
 
-    def __init__(self, tokenizer, answer_format: str, prompt_length: int, ended_ids: Sequence[int]):
+    def __init__(
+        self, tokenizer, answer_format: str, prompt_length: int, ended_ids: Sequence[int], already: Sequence[int] = ()
+    ):
         self.tokenizer, self.answer_format, self.start = tokenizer, answer_format, prompt_length
         self.triggers, self.ended = _trigger_tokens(tokenizer, self.TRIGGERS[answer_format]), set(ended_ids)
+        self.already = list(already)  # per row: completion tokens the prompt already ends with (a continued row)
         self.stopped: dict[int, int] = {}
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
@@ -81,7 +84,8 @@ class AnswerStop(StoppingCriteria):
         known = last < table.shape[0]  # a model's vocabulary can be larger than its tokenizer's
         for row in (known & table[last.clamp(max=table.shape[0] - 1)]).nonzero().flatten().tolist():
             if row not in self.stopped and int(last[row]) not in self.ended:
-                text = self.tokenizer.decode(input_ids[row, self.start :].tolist(), skip_special_tokens=True)
+                begin = self.start - (self.already[row] if self.already else 0)
+                text = self.tokenizer.decode(input_ids[row, begin:].tolist(), skip_special_tokens=True)
                 if answer_closed(text, self.answer_format):
                     self.stopped[row] = input_ids.shape[1] - self.start
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -149,6 +153,7 @@ def generate_grouped(
     share_prompt: bool = True,
     stop: tuple | None = None,
     tokenizer=None,
+    already: Sequence[int] = (),
 ) -> list[list[int]]:
     """Completion token ids for each prompt row (token ids), in order.
 
@@ -156,7 +161,8 @@ def generate_grouped(
     prompt) are prefilled once for the batch, then each group of equal prompts next to each other once more, up to
     its last token; the KV cache is repeated for the rows and ``generate`` continues from it. ``stop`` is
     ``(tokenizer, answer_format)`` to end each row at its closed answer (``AnswerStop``); ``tokenizer`` goes to
-    ``generate``, which needs it for ``generation_config.stop_strings``.
+    ``generate``, which needs it for ``generation_config.stop_strings``. ``already`` (per row): how many of the
+    prompt's last tokens are completion already (a row continued after a first round), for the answer check.
     """
     rows = [list(p) for p in prompts]
     shared = common_prefix(rows) if share_prompt and len(rows) > 1 else 0
@@ -181,7 +187,7 @@ def generate_grouped(
     if tokenizer is not None:
         kwargs["tokenizer"] = tokenizer
     if stop is not None:
-        criterion = AnswerStop(stop[0], stop[1], ids.shape[1], [*eos_token_ids, pad_token_id])
+        criterion = AnswerStop(stop[0], stop[1], ids.shape[1], [*eos_token_ids, pad_token_id], already)
         kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, **kwargs)
     stopped = criterion.stopped if criterion else {}
