@@ -76,8 +76,8 @@ def main() -> int:
         model = prepare_model(args.model)
         dtype = model_dtype()
         print(
-            f"model {args.model} -> {model} ({dtype}); {args.limit} problems, max_new_tokens {args.max_new_tokens}, "
-            f"batch {args.batch_size}",
+            f"model {args.model} -> {Path(model).name} ({dtype}); {args.limit} problems, "
+            f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}",
             flush=True,
         )
         ours = run_grpo_math(model, dtype, data, args, out / "grpo-math")
@@ -289,7 +289,8 @@ def report(ours: dict, theirs: dict, model: str, data: Path, args) -> None:
     import torch
 
     print(
-        f"\nmodel {model}, {args.limit} GSM8K test problems from {data}, max_new_tokens {args.max_new_tokens}, "
+        f"\nmodel {Path(model).name}, {args.limit} GSM8K test problems from {os.path.relpath(data, ROOT)}, "
+        f"max_new_tokens {args.max_new_tokens}, "
         f"batch {args.batch_size}, lm_eval {getattr(lm_eval, '__version__', '?')}, torch {torch.__version__}, "
         f"{'cuda' if torch.cuda.is_available() else f'cpu, threads {args.threads or torch.get_num_threads()}'}"
     )

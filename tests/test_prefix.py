@@ -2,6 +2,7 @@
 the packed forward gives TRL's log-probs, entropies and gradients, the stop rule never ends a completion before its
 answer closes, the bf16 rollout copy follows the weights, and a training step logs the same numbers either way."""
 
+import contextlib
 import json
 from types import SimpleNamespace
 
@@ -206,3 +207,26 @@ def test_rows_set_aside_after_a_first_round_continue_to_the_same_tokens(tiny_mod
         runs[-1] = [[(c["text"], c["tokens"], c["truncated"]) for c in out] for out in runs[-1]]
     assert runs[0] == runs[1] and any(tokens > 5 for out in runs[0] for _, tokens, _ in out)
     assert sum(done for done, _ in seen[:2]) == 3  # the first run's two batches
+
+
+def test_packed_forward_runs_on_a_cpu_and_leaves_other_devices_to_trl():
+    """The device branch of ``PrefixSharing._get_per_token_logps_and_entropies``: packed on a CPU, TRL's own forward
+    elsewhere (a GPU's flash attention cannot take the block mask: README) or with ``share_prompt`` off."""
+
+    class TRL:
+        def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
+            return "trl"
+
+    class Trainer(PrefixSharing, TRL):
+        args = SimpleNamespace(share_prompt=True)
+        accelerator = SimpleNamespace(unwrap_model=lambda model: model, autocast=contextlib.nullcontext)
+
+    model, width = small_llama(), 4
+    model.config._attn_implementation = "sdpa"
+    add_fused_lm_head(model)
+    ids, mask = batch([([5, 6, 7], 2)], width)
+    logps, _, _ = Trainer()._get_per_token_logps_and_entropies(model, ids, mask, width)
+    assert logps.shape == (2, width)
+    assert Trainer()._get_per_token_logps_and_entropies(model, ids.to("meta"), mask.to("meta"), width) == "trl"
+    Trainer.args.share_prompt = False
+    assert Trainer()._get_per_token_logps_and_entropies(model, ids, mask, width) == "trl"

@@ -1,8 +1,9 @@
 """Random-init models for timing GRPO steps on a machine with no hub access (bench/gpu/run.sh).
 
-SmolLM2-135M's architecture (``/tmp/models/smol``) and Qwen2.5-0.5B's (``/tmp/models/qwen-shape``: 24 layers,
-896 wide, 14/2 heads, vocabulary cut to SmolLM2's 49,152 tokens), both with SmolLM2's tokenizer. Random weights
-never write ``</answer>`` or EOS, so every completion runs to the token limit: a worst case, the same for every path.
+SmolLM2-135M's architecture (``runs/bench-models/smol``) and Qwen2.5-0.5B's (``runs/bench-models/qwen-shape``:
+24 layers, 896 wide, 14/2 heads, vocabulary cut to SmolLM2's 49,152 tokens), both with SmolLM2's tokenizer.
+Random weights never write ``</answer>`` or EOS, so every completion runs to the token limit: a worst case, the
+same for every path.
 
     python bench/gpu/make_models.py [--tokenizer DIR]   # default: the embedded model's converted folder
 """
@@ -14,13 +15,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 
+ROOT = Path(__file__).resolve().parents[2]  # the project (bench/grpo_step.py runs there too)
 FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", help="folder with SmolLM2's tokenizer and config.json")
-    parser.add_argument("--output", default="/tmp/models")
+    parser.add_argument("--output", default="runs/bench-models", help="relative to the project root")
     args = parser.parse_args()
     if args.tokenizer is None:
         from grpo_math.models import resolve_model
@@ -44,7 +46,7 @@ def main() -> None:
     )
     torch.manual_seed(0)
     for name, config in (("smol", AutoConfig.from_pretrained(source)), ("qwen-shape", qwen)):
-        target = Path(args.output) / name
+        target = ROOT / args.output / name
         model = AutoModelForCausalLM.from_config(config)
         model.save_pretrained(target)
         for f in FILES:

@@ -5,6 +5,6 @@
 set -e
 python3 bench/gpu/make_models.py ${1:+--tokenizer "$1"}
 cd bench
-python3 grpo_step.py --model /tmp/models/smol --paths trl-bf16 grpo-math --steps 3 --warmup 1
+python3 grpo_step.py --model runs/bench-models/smol --paths trl-bf16 grpo-math --steps 3 --warmup 1
 python3 grpo_step.py --recipe "$PWD/gpu/qwen2.5-0.5b-shape.yaml" --paths trl-bf16 grpo-math --steps 2 --warmup 1 \
     --max_completion_length 512

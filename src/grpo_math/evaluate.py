@@ -162,9 +162,18 @@ class _ProgressBar:
 # ---- grpo-math eval --------------------------------------------------------------------------------------
 
 
-def make_parser() -> ArgumentParser:
+def add_problem_flags(parser: ArgumentParser, split: str) -> None:
+    """``--dataset_name``, ``--split`` and ``--limit``: which problems a command reads (eval, filter)."""
     import os
 
+    default, where = os.environ.get("GRPO_MATH_GSM8K_DIR") or "openai/gsm8k", f"a folder with {split}.jsonl"
+    help = f"openai/gsm8k, {where}, builtin or gym:<task> (default: $GRPO_MATH_GSM8K_DIR, else openai/gsm8k)"
+    parser.add_argument("--dataset_name", default=default, help=help)
+    parser.add_argument("--split", default=split)
+    parser.add_argument("--limit", type=int, help="first N problems (file order, so every run sees the same ones)")
+
+
+def make_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="grpo-math eval", description="GSM8K accuracy of a model (strict/flexible, lm-eval, pass@k, maj@k)."
     )
@@ -173,13 +182,7 @@ def make_parser() -> ArgumentParser:
         help="hub id, HF folder, checkpoint, .gguf file or 'embedded' (default: embedded; "
         "with --before-after: the base model, default the trained run's model_name_or_path)",
     )
-    parser.add_argument(
-        "--dataset_name",
-        default=os.environ.get("GRPO_MATH_GSM8K_DIR") or "openai/gsm8k",
-        help="openai/gsm8k, a folder with test.jsonl, or builtin (default: $GRPO_MATH_GSM8K_DIR, else openai/gsm8k)",
-    )
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, help="first N problems (file order, so every run sees the same ones)")
+    add_problem_flags(parser, "test")
     parser.add_argument(
         "--samples", type=int, default=1, help="completions per problem (K); K > 1 adds pass@k, maj@K, mean@K"
     )

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import ArgumentParser, UserError
 from .data import load_problems
-from .evaluate import Sampling, evaluate_model, load_for_eval, problems_sha1, slug
+from .evaluate import Sampling, add_problem_flags, evaluate_model, load_for_eval, problems_sha1, slug
 from .models import resolve_model, torchrun_env
 from .runfiles import CONFIG_FILE, FILTER_FILE, PASSRATES_FILE, read_config, versions
 
@@ -181,13 +181,7 @@ def make_parser() -> ArgumentParser:
         "GSM8K folder (train.jsonl) with passrates.jsonl and filter.json. Resumes where an interrupted run stopped.",
     )
     parser.add_argument("--model", required=True, help="hub id, HF folder, checkpoint, .gguf file or 'embedded'")
-    parser.add_argument(
-        "--dataset_name",
-        default=os.environ.get("GRPO_MATH_GSM8K_DIR") or "openai/gsm8k",
-        help="openai/gsm8k, a folder with train.jsonl, or builtin (default: $GRPO_MATH_GSM8K_DIR, else openai/gsm8k)",
-    )
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--limit", type=int, help="first N problems (file order)")
+    add_problem_flags(parser, "train")
     parser.add_argument(
         "--config",
         help="recipe whose prompt keys, num_generations, temperature, top_p and max_completion_length to use "
