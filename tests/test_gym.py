@@ -41,19 +41,60 @@ def test_rows_have_the_gsm8k_columns(split, size, needs_gym):
     assert len(rows) == size
     for row in rows:
         assert re.fullmatch(r"-?\d+", row["answer"]), row
-        assert row["solution"] == "" and row["question"] in row["prompt"][-1]["content"]
+        assert row["solution"] and row["question"] in row["prompt"][-1]["content"]
 
 
-def test_train_and_test_share_no_question(needs_gym):
-    # 2 terms of 1-2 digits: about 16k distinct questions, so 2,000 training rows would meet ~12% of a test set
-    # drawn without the question check
-    name = "gym:chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=2,size=2000,test_size=300"
-    train = [p.question for p in load_problems(name, "train")]
-    test = [p.question for p in load_problems(name, "test")]
-    assert len(train) == 2000 and len(test) == 300
-    assert not set(train) & set(test)
-    assert len(set(test)) == len(test)
+def test_every_spelling_of_a_task_gives_disjoint_splits(needs_gym):
+    # whether a question is held out is a property of its text: no size or test_size can make the splits meet
+    task = "gym:chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=2"
+    train = {p.question for size in (300, 3000) for p in load_problems(f"{task},size={size}", "train")}
+    test = {p.question for size in (50, 5000) for p in load_problems(f"{task},size={size},test_size=300", "test")}
+    assert len(train) > 1000 and len(test) > 100
+    assert not train & test
+    assert all(gym.held_out(q) for q in test) and not any(gym.held_out(q) for q in train)
     assert gym.SEEDS["test"] - gym.SEEDS["train"] > 10**9  # item i is seeded with seed + i: streams never meet
+
+
+def test_held_out_problems_follow_the_training_distribution(needs_gym):
+    # a small question space: two one-digit terms are ~200 questions, a quarter of all rows. Held out by a hash of
+    # the question, the test split keeps that share (excluding train's questions would leave it ~2%)
+    name = "gym:chain_sum:min_terms=2,max_terms=3,min_digits=1,max_digits=2,size=2000,test_size=1000"
+
+    def shares(split):
+        problems = load_problems(name, split)
+        terms = [len(p.solution.splitlines()) + 1 for p in problems]
+        small = [t == 2 and all(len(n) == 1 for n in re.findall(r"\d+", p.question)) for t, p in zip(terms, problems)]
+        return terms.count(2) / len(terms), sum(small) / len(small)
+
+    (two_train, small_train), (two_test, small_test) = shares("train"), shares("test")
+    assert abs(two_train - two_test) < 0.05 and abs(small_train - small_test) < 0.05
+    assert small_test > 0.15
+
+
+@pytest.mark.parametrize("name", [CHAIN, "gym:basic_arithmetic:size=300", "gym:decimal_chain_sum:size=200"])
+def test_arithmetic_rows_carry_exact_worked_steps(name, needs_gym):
+    # one `a op b = c` line per operation, every line true for the steps reward, the last result the gold
+    from grpo_math.rewards import _analyse
+    from grpo_math.steps import find_steps
+
+    problems = load_problems(name, "train")
+    with_steps = [p for p in problems if p.solution]
+    assert len(with_steps) >= 0.95 * len(problems)
+    for p in with_steps:
+        lines = p.solution.splitlines()
+        assert all(re.fullmatch(r"-?[\d.]+ [-+*/] -?[\d.]+ = -?[\d.]+", line) for line in lines), p.solution
+        assert gym.Fraction(lines[-1].rsplit("= ", 1)[1]) == gym.Fraction(p.answer), p.where
+        assert all(step.ok for step in find_steps(p.solution)), p.solution
+        counted, true, _ = _analyse(p.solution, p.question)  # what the steps reward counts holds, every line
+        assert counted == true, p.solution
+
+
+def test_worked_steps_follow_precedence_and_refuse_inexact_decimals():
+    assert gym.worked_steps("( 56 + -33 ) - 84") == "56 + -33 = 23\n23 - 84 = -61"
+    assert gym.worked_steps("2 + 3 * 4") == "3 * 4 = 12\n2 + 12 = 14"
+    assert gym.worked_steps("-(7 - 9) / 8") == "7 - 9 = -2\n-1 * -2 = 2\n2 / 8 = 0.25"
+    with pytest.raises(ValueError, match="no exact decimal"):
+        gym.worked_steps("10 / 3")
 
 
 def test_difficulty_keys_reach_the_generator(needs_gym):

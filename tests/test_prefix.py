@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, StoppingCriteria
 from trl.trainer.utils import add_fused_lm_head
 
 from grpo_math import cli
@@ -230,3 +230,66 @@ def test_packed_forward_runs_on_a_cpu_and_leaves_other_devices_to_trl():
     assert Trainer()._get_per_token_logps_and_entropies(model, ids.to("meta"), mask.to("meta"), width) == "trl"
     Trainer.args.share_prompt = False
     assert Trainer()._get_per_token_logps_and_entropies(model, ids, mask, width) == "trl"
+
+
+def test_sampler_logps_are_the_sampled_tokens_log_probs_and_nan_for_an_appended_eos(monkeypatch):
+    """``SampledLogps`` records log_softmax(logits / T) of each sampled token (what TRL's importance-sampling
+    correction compares with the trained policy), and an EOS that ``cut`` appends after a stop gets NaN."""
+    from grpo_math import prefix
+
+    class StopFirstRowAfterThree(StoppingCriteria):
+        def __init__(self, tokenizer, answer_format, prompt_length, *rest):
+            self.start, self.stopped = prompt_length, {}
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if input_ids.shape[1] - self.start == 3:
+                self.stopped[0] = 3
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[list(self.stopped)] = True
+            return done
+
+    monkeypatch.setattr(prefix, "AnswerStop", StopFirstRowAfterThree)
+    model, eos, temperature = small_llama(), 299, 0.7
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=6, eos_token_id=eos, pad_token_id=2
+    )
+    prompts = [[5, 6, 7], [5, 6, 7], [8, 9, 10, 11]]
+    torch.manual_seed(1)
+    rows, logps = generate_grouped(model, prompts, config, 2, [eos], stop=(None, "tags"), sampler_logps=True)
+    assert rows[0][-1] == eos and len(rows[0]) == 4 and [len(r) for r in rows[1:]] == [6, 6]
+    assert logps[0][3] != logps[0][3] and all(lp == lp for row in logps for lp in row[:3])  # NaN: not sampled
+    for prompt, row, lps in zip(prompts, rows, logps):
+        sampled = row[:3] if row is rows[0] else row
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + sampled])).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(sampled)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(lps[: len(sampled)]), expected, atol=1e-4, rtol=0)
+
+
+def test_an_appended_eos_stays_in_the_completion_but_out_of_the_loss():
+    nan = float("nan")
+
+    class TRL:
+        def _generate(self, prompts):
+            return [[1], [1]], [[5, 6, 2], [7, 2]], None, ["a", "b"], [[-0.1, -0.2, nan], [-0.3, -0.4]], {}, None, []
+
+    class Trainer(PrefixSharing, TRL):
+        args = SimpleNamespace(use_vllm=False)
+
+    prompt_ids, completion_ids, token_mask, *_ = Trainer.__new__(Trainer)._generate(["p", "p"])
+    assert completion_ids == [[5, 6, 2], [7, 2]] and token_mask == [[1, 1, 0], [1, 1]]
+
+
+@pytest.mark.parametrize("bf16", ["true", "false"])
+def test_mixed_precision_rollouts_get_trls_importance_sampling_correction(bf16, tiny_model, tmp_path, cpu_bf16):
+    """With a mixed-precision loss the sampler is another numerical policy: TRL's correction runs (its metrics are
+    logged only inside it); in fp32 nothing is off-policy and no extra forward is spent."""
+    out = tmp_path / bf16
+    flags = ["train", "--config", "recipes/smoke.yaml", "--model_name_or_path", tiny_model, "--output_dir", str(out)]
+    flags += ["--max_steps", "1", "--max_completion_length", "12", "--save_steps", "100", "--bf16", bf16]
+    assert cli.main(flags) == 0
+    log = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    corrected = "sampling/importance_sampling_ratio/mean" in log
+    assert corrected == (bf16 == "true"), sorted(log)
+    if corrected:
+        assert 0 <= log["sampling/sampling_logp_difference/mean"] < 0.5

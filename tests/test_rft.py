@@ -62,6 +62,27 @@ def test_budget_is_a_grpo_stage_of_the_same_settings():
     assert grpo_budget(args) is None
 
 
+def test_rft_samples_the_problems_grpo_trains_on_first(tiny_model, tmp_path, cpu_fp32):
+    # the order GRPO's real dataloader visits the training problems in (TRL's sampler, the recipe's seed), after
+    # the cold start's problems: RFT must sample those, not the first rows of the file
+    from grpo_math.models import load_tokenizer, load_weights
+    from grpo_math.rft import training_problems
+    from grpo_math.train import build_trainer, load_train_data
+
+    flags = ["--config", "recipes/smoke.yaml", "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path)]
+    flags += ["--dataset_limit", "40", "--sft_examples", "10", "--dataset_shuffle_seed", "3", "--max_steps", "3"]
+    script, args, model_args, rft = parse_train_args(flags, extra=(RFTConfig,))
+    tokenizer = load_tokenizer(tiny_model)
+    dataset = load_train_data(script, tokenizer, args.max_prompt_length)
+    trainer = build_trainer(script, args, model_args, load_weights(tiny_model, "float32"), tokenizer, dataset)
+    visited = [row["question"] for batch in trainer.get_train_dataloader() for row in batch]
+    problems, budget = training_problems(script, args, rft, args.num_generations)
+    assert budget == 3 * 8 and len(problems) == 6
+    assert [p.question for p in problems] == list(dict.fromkeys(visited))[:6]
+    assert visited[: 6 * 4] == [p.question for p in problems for _ in range(4)]  # groups of K, in this order
+    assert [p.question for p in problems] != list(dataset["question"][:6])  # not simply the file order
+
+
 def test_rft_trains_a_checkpoint_eval_loads_and_reruns_from_its_data(
     tiny_model, tmp_path, monkeypatch, capsys, cpu_fp32
 ):
@@ -82,7 +103,8 @@ def test_rft_trains_a_checkpoint_eval_loads_and_reruns_from_its_data(
     ]
     assert cli.main([*argv, "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "RFT budget: 2 problems x 5 samples = 10 completions (a GRPO stage of these settings samples 32" in printed
+    assert "RFT budget: 2 problems x 5 samples = 10 completions, the first problems GRPO's sampler visits" in printed
+    assert "a GRPO stage of these settings samples 32 (4 steps of 8) on one process" in printed
     assert f"checkpoint: {out}" in printed
 
     lines = [json.loads(line) for line in (out / "rft_data.jsonl").read_text().splitlines()]

@@ -194,3 +194,36 @@ def test_signal_watch_warns_once_after_a_streak_without_variance(caplog):
         watch.on_log(None, state, TrainerControl(), logs={"frac_reward_zero_std": frac})
     warnings = [r.getMessage() for r in caplog.records if "no reward variance" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("step 6:") and "--sft_examples" in warnings[0]
+
+
+def test_cold_start_mixes_a_gym_task_with_gsm8k_solutions(gsm8k_dir):
+    # recipes/learning.yaml's start: the task's worked steps and GSM8K solutions, one prompt format
+    from grpo_math.models import load_tokenizer, resolve_model
+    from grpo_math.train import sft_data
+
+    task = "gym:chain_sum:min_terms=2,max_terms=3,min_digits=1,max_digits=2,size=100,test_size=10"
+    flags = ["--dataset_name", task, "--sft_examples", "4", "--dataset_shuffle_seed", "0"]
+    script, _, _ = parse_train_args([*flags, "--sft_extra_dataset", str(gsm8k_dir), "--sft_extra_examples", "3"])
+    rows = list(sft_data(script, load_tokenizer(resolve_model("embedded"))))
+    texts = [row["completion"][0]["content"] for row in rows]
+    assert len(rows) == 7 and all(t.startswith("<think>\n") and "</think>\n<answer>" in t for t in texts)
+    assert all(" = " in t.split("</think>")[0] for t in texts[:4])  # worked steps, not an empty think
+    assert all("State the final answer" in row["prompt"][-1]["content"] for row in rows[:4])
+    assert not any("State the final answer" in row["prompt"][-1]["content"] for row in rows[4:])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--dataset_name", "gym:leg_counting:size=20", "--sft_examples", "2"], "have no worked solution"),
+        (["--sft_examples", "2", "--sft_extra_examples", "2"], "set both or neither"),
+        (["--sft_examples", "2", "--sft_extra_dataset", "builtin"], "set both or neither"),
+    ],
+)
+def test_cold_start_without_worked_solutions_is_a_one_line_error(flags, message):
+    from grpo_math.train import sft_data
+
+    with pytest.raises(UserError, match=message) as err:
+        script, _, _ = parse_train_args(flags)
+        sft_data(script, type("PlainTokenizer", (), {"chat_template": None})())
+    assert "\n" not in str(err.value)

@@ -143,6 +143,17 @@ class ScriptConfig(PromptConfig, ScriptArguments):
             "then uses the problems after them); 0 = no cold start."
         },
     )
+    sft_extra_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cold start: a second source (same forms as dataset_name) whose first sft_extra_examples training "
+            "solutions join the cold start, e.g. GSM8K beside a gym task, so one start checkpoint answers both."
+        },
+    )
+    sft_extra_examples: int = field(
+        default=0,
+        metadata={"help": "Cold start: how many solutions sft_extra_dataset adds (shuffled as dataset_name)."},
+    )
     sft_epochs: float = field(default=1.0, metadata={"help": "Cold start: epochs over the sft_examples."})
     sft_learning_rate: float = field(
         default=5e-5, metadata={"help": "Cold start: AdamW learning rate (linear decay)."}
@@ -158,6 +169,8 @@ class ScriptConfig(PromptConfig, ScriptArguments):
             raise UserError("dataset_limit must be > 0")
         if self.sft_examples < 0 or self.sft_epochs <= 0 or self.sft_learning_rate <= 0 or self.sft_batch_size < 1:
             raise UserError("sft_examples must be >= 0, sft_epochs and sft_learning_rate > 0, sft_batch_size >= 1")
+        if self.sft_extra_examples < 0 or bool(self.sft_extra_dataset) != bool(self.sft_extra_examples):
+            raise UserError("sft_extra_dataset and sft_extra_examples (> 0) go together: set both or neither")
 
 
 @dataclass
@@ -243,7 +256,16 @@ class GRPOMathConfig(GRPOConfig):
         default=True,
         metadata={
             "help": "With bf16 on and fp32 weights, generate with a bf16 copy of the policy refreshed after each "
-            "update (TRL's transformers path generates with the fp32 weights)."
+            "update (TRL's transformers path generates with the fp32 weights); the sampler's log-probs go to TRL's "
+            "importance-sampling correction (vllm_importance_sampling_*), on whenever bf16/fp16 is."
+        },
+    )
+    vllm_importance_sampling_mode: str = field(
+        default="token_truncate",
+        metadata={
+            "help": "TRL's correction of rollouts sampled by another numerical policy (vLLM, or here a bf16 sampler "
+            "beside a mixed-precision loss): per-token ratios clipped at vllm_importance_sampling_clip_max "
+            "(truncated importance sampling; TRL's default is sequence_mask)."
         },
     )
 

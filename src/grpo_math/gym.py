@@ -1,4 +1,4 @@
-"""reasoning-gym tasks as GSM8K-shaped rows: ``gym:<task>[:key=value,...]`` names, fixed disjoint train/test seeds.
+"""reasoning-gym tasks as GSM8K-shaped rows: ``gym:<task>[:key=value,...]`` names, held out by question.
 
 `reasoning-gym <https://github.com/open-thought/reasoning-gym>`_ (extra ``grpo-math[gym]``, imported only when a
 ``gym:`` name is used) generates verifiable problems at a chosen difficulty. ``gym:chain_sum:max_terms=3,max_digits=2``
@@ -8,26 +8,35 @@ two keys are ours: ``size`` (training rows, default 10,000) and ``test_size`` (h
 * Only ``TASKS`` are accepted: their gold answers are plain numbers, so ``answers.answers_match`` (the one checker
   behind ``rewards.correct`` and the reported accuracy) scores them exactly; a row whose gold is not a plain
   number still stops the load with a ``UserError`` naming the task.
-* Splits: ``train`` and ``test`` only, each from a fixed seed. reasoning-gym seeds item ``i`` with ``seed + i``, so
-  the test seed sits 2^31 items past the train seed (seeds 1 and 2 would share all items but one), and the test
-  split keeps only questions that appear neither in the train split of the same name (its ``size`` rows) nor
-  earlier in the test split: held out by question, not only by seed. Settings with too few distinct questions
-  raise a ``UserError`` instead of returning a short test set.
+* Splits: ``train`` and ``test`` only. Whether a question is held out is a property of its text (``held_out``: a
+  stable hash puts ``HELD_OUT_PER_MILLE`` of the question space in test), so every spelling of a task (any
+  ``size``, ``test_size``) gives disjoint splits, and both are drawn from the same generator: held-out problems
+  follow the training distribution (easy questions are not used up by train). Train reads the items of seed 1
+  whose question is not held out, test those of a seed 2^31 items further (reasoning-gym seeds item ``i`` with
+  ``seed + i``) whose question is; repeats are kept in both, as the generator makes them. Settings that cannot
+  fill a split, or give a test split less than half of whose rows are distinct questions, raise a ``UserError``.
+* Worked steps: rows of ``EXPRESSION_TASKS`` carry as ``solution`` one exact ``a op b = c`` line per operation of
+  their expression (``worked_steps``, innermost first, left to right), the lines the ``steps`` reward checks, so a
+  cold start (``sft_examples``) can teach the reasoning; ``gsm_symbolic`` rows carry their own reasoning, the
+  other tasks' rows none (empty).
 * Golds are checked where they can be: for tasks with an arithmetic ``expression`` (``EXPRESSION_TASKS``) the
   expression is evaluated exactly and a row whose gold disagrees is dropped (reasoning-gym's ``basic_arithmetic``
   floors some divisions: 0.7% of rows at default settings), as is a gold of 10^15 or more, beyond exact checking
   (0.1% of ``basic_arithmetic`` at default settings); more than ``MAX_BAD_GOLD_SHARE`` dropped is an error.
-* ``gsm_symbolic`` (GSM-Symbolic) is held-out only (``HELD_OUT_ONLY``); its rows carry their reasoning as
-  ``solution``, the other tasks' rows have none (empty).
+* ``gsm_symbolic`` (GSM-Symbolic) is held-out only (``HELD_OUT_ONLY``): every question is test.
 
 >>> parse_spec("gym:chain_sum:max_digits=1,allow_negation=false,size=50")
 ('chain_sum', {'max_digits': 1, 'allow_negation': False, 'size': 50})
+>>> print(worked_steps("97 - 54 + 93"))
+97 - 54 = 43
+43 + 93 = 136
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import operator
 from fractions import Fraction
 from functools import lru_cache
@@ -51,9 +60,12 @@ SIZES = {"train": 10_000, "test": 1_000}  # ``size`` / ``test_size``
 OWN_KEYS = {"size": "train", "test_size": "test"}
 MAX_BAD_GOLD_SHARE = 0.05
 MAX_GOLD = 10**15  # answers.answers_match tells numbers apart exactly only below this (float comparison)
-MAX_TRIES = 10  # items generated per row asked for, at most (duplicates and dropped golds are skipped)
+HELD_OUT_PER_MILLE = 100  # share of the question space (per 1,000) that is held out
+MIN_DISTINCT_TEST_SHARE = 0.5  # a test split mostly of repeats would overstate what its statistics know
+MAX_TRIES = 10  # items generated per row asked for, at most, beyond the split's share (dropped golds are skipped)
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_SYMBOLS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
 def is_gym(dataset_name: str) -> bool:
@@ -87,7 +99,16 @@ def read_gym(dataset_name: str, split: str) -> list[tuple[dict, str]]:
     return list(_read(dataset_name, split))
 
 
-@lru_cache(maxsize=8)  # training reads train and, for the in-training accuracy, test (which needs train's questions)
+def held_out(question: str) -> bool:
+    """Whether ``question`` belongs to the test split: a stable hash of its text, whatever the settings' spelling.
+
+    >>> sum(held_out(f"What is {n} + 1?") for n in range(10_000))  # about HELD_OUT_PER_MILLE per 1,000
+    1033
+    """
+    return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 1000 < HELD_OUT_PER_MILLE
+
+
+@lru_cache(maxsize=8)  # training reads train, and test for the in-training accuracy
 def _read(dataset_name: str, split: str) -> tuple[tuple[dict, str], ...]:
     task, settings = parse_spec(dataset_name)
     if split not in SEEDS:
@@ -103,10 +124,7 @@ def _read(dataset_name: str, split: str) -> tuple[tuple[dict, str], ...]:
     for key in settings:
         if key not in fields:
             raise UserError(f"unknown setting '{key}' for gym task '{task}'; valid: {', '.join([*fields, *OWN_KEYS])}")
-    seen = set()
-    if split == "test" and task not in HELD_OUT_ONLY:
-        seen = {row["question"] for row, _ in _generate(rg, dataset_name, task, settings, "train", sizes)}
-    return _generate(rg, dataset_name, task, settings, split, sizes, seen)
+    return _generate(rg, dataset_name, task, settings, split, sizes[split])
 
 
 def _import(task: str):
@@ -128,41 +146,96 @@ def config_fields(reasoning_gym, task: str) -> tuple:
     return dataclasses.fields(reasoning_gym.factory.DATASETS[task][1])
 
 
-def _generate(reasoning_gym, name, task, settings, split, sizes, exclude=frozenset()) -> tuple[tuple[dict, str], ...]:
-    """The first ``sizes[split]`` usable items of the split's seed; the test split skips ``exclude`` and repeats."""
-    count = sizes[split]
-    try:
-        dataset = reasoning_gym.create_dataset(task, seed=SEEDS[split], size=MAX_TRIES * count + 100, **settings)
+def _generate(reasoning_gym, name, task, settings, split, count) -> tuple[tuple[dict, str], ...]:
+    """The first ``count`` usable items of the split's seed whose question belongs to the split (``held_out``)."""
+    share = (
+        1.0
+        if task in HELD_OUT_ONLY
+        else HELD_OUT_PER_MILLE / 1000
+        if split == "test"
+        else 1 - HELD_OUT_PER_MILLE / 1000
+    )
+    try:  # items are generated when read: the size only bounds the search
+        dataset = reasoning_gym.create_dataset(
+            task, seed=SEEDS[split], size=int(MAX_TRIES * count / share) + 100, **settings
+        )
     except (AssertionError, TypeError, ValueError) as err:
         raise UserError(f"'{name}': invalid settings for gym task '{task}': {err or type(err).__name__}") from None
-    rows, seen, bad = [], set(exclude), 0
+    rows, bad = [], 0
     for index in range(len(dataset)):
         if len(rows) == count:
             break
         item = dataset[index]
+        if task not in HELD_OUT_ONLY and held_out(item["question"]) != (split == "test"):
+            continue
         gold = _gold(name, task, item)
         if gold is None:
             bad += 1
-        elif split == "train" or item["question"] not in seen:
-            seen.add(item["question"])
-            reasoning = (item["metadata"].get("answer_cot") or "").rsplit("####", 1)[0].rstrip()
-            rows.append(
-                (
-                    {"question": item["question"], "answer": f"{reasoning}\n#### {gold}"},
-                    f"{name} [{split}] item {index}",
-                )
+            continue
+        rows.append(
+            (
+                {"question": item["question"], "answer": f"{_reasoning(task, item)}\n#### {gold}"},
+                f"{name} [{split}] item {index}",
             )
+        )
     if bad > MAX_BAD_GOLD_SHARE * (len(rows) + bad):
         raise UserError(
             f"'{name}': {bad} of {len(rows) + bad} generated golds disagree with their own expression (a "
             f"reasoning-gym bug at these settings) or reach 10^15; change the settings"
         )
-    if len(rows) < count:
+    distinct = len({row["question"] for row, _ in rows})
+    if len(rows) < count or (split == "test" and distinct < MIN_DISTINCT_TEST_SHARE * count):
         raise UserError(
-            f"'{name}' [{split}]: only {len(rows)} of {count} questions are new (not in train, not repeated): "
-            "these settings allow few distinct questions; raise the difficulty or lower test_size"
+            f"'{name}' [{split}]: {distinct} distinct questions in {len(rows)} of {count} rows asked for: these "
+            "settings allow few distinct questions; raise the difficulty or lower size / test_size"
         )
     return tuple(rows)
+
+
+def _reasoning(task: str, item: dict) -> str:
+    """A row's worked solution: ``worked_steps`` of its expression, the task's own reasoning, or nothing."""
+    if task in EXPRESSION_TASKS:
+        try:
+            return worked_steps(item["metadata"]["expression"])
+        except (ValueError, ZeroDivisionError, SyntaxError, KeyError):
+            return ""
+    return (item["metadata"].get("answer_cot") or "").rsplit("####", 1)[0].rstrip()
+
+
+def worked_steps(expression: str) -> str:
+    """One exact ``a op b = c`` line per operation of an arithmetic expression, innermost first, left to right (the
+    sign of a bracket as ``-1 * x = -x``); a ``ValueError`` when an intermediate result has no exact decimal form
+    (e.g. 1/3)."""
+    lines: list[str] = []
+
+    def walk(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            a, b = walk(node.left), walk(node.right)
+            c = _OPS[type(node.op)](a, b)
+            lines.append(f"{_decimal(a)} {_SYMBOLS[type(node.op)]} {_decimal(b)} = {_decimal(c)}")
+            return c
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.BinOp):
+            value = walk(node.operand)  # the sign of a worked result: a line of its own
+            lines.append(f"-1 * {_decimal(value)} = {_decimal(-value)}")
+            return -value
+        return _exact(node)
+
+    walk(ast.parse(expression, mode="eval").body)
+    return "\n".join(lines)
+
+
+def _decimal(value: Fraction) -> str:
+    """``value`` written exactly in decimals (``ValueError`` when it has no finite decimal form).
+
+    >>> _decimal(Fraction(-7, 4)), _decimal(Fraction(12))
+    ('-1.75', '12')
+    """
+    places = next((n for n in range(40) if (value * 10**n).denominator == 1), None)
+    if places is None:
+        raise ValueError(f"{value} has no exact decimal form")
+    digits = str(abs(value * 10**places).numerator).rjust(places + 1, "0")
+    text = f"{digits[: len(digits) - places]}.{digits[len(digits) - places :]}" if places else digits
+    return ("-" if value < 0 else "") + text
 
 
 def _gold(name: str, task: str, item: dict) -> str | None:

@@ -15,6 +15,12 @@ without). Here:
   completion see the shared prefix, its prompt and itself only, and each completion's positions continue its
   prompt's, so one forward over ``P + G(C + 1)`` tokens per group gives what ``G`` forwards over ``P + C`` tokens
   give, padding excluded (a test compares log-probs and gradients).
+- Off-policy rollouts are corrected: where the loss forward runs in mixed precision (``bf16``/``fp16``), the sampler
+  (the bf16 copy of ``bf16_rollouts``, or the fp32 weights) is not the policy being trained. ``SampledLogps`` keeps
+  each sampled token's log-prob, and ``PrefixSharing`` hands them to TRL, which applies its truncated
+  importance-sampling correction (``vllm_importance_sampling_*``, as for vLLM) and logs the mismatch
+  (``sampling/sampling_logp_difference/*``). The EOS that ``cut`` appends after a stopped answer was never sampled:
+  it stays in the completion (TRL counts the row as terminated) but out of the loss.
 
 >>> runs([[1, 2], [1, 2], [3], [1, 2]])
 [(0, 2), (2, 3), (3, 4)]
@@ -31,8 +37,9 @@ import inspect
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from . import UserError
 from .answers import answer_closed
 
 MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
@@ -99,6 +106,31 @@ def _trigger_tokens(tokenizer, trigger: str) -> torch.Tensor:
     return torch.tensor([trigger in piece for piece in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])])
 
 
+class SampledLogps(LogitsProcessor):
+    """Records each sampled token's log-prob under the distribution it was drawn from: ``log_softmax(logits / T)``
+    (custom processors run before ``generate``'s temperature warper, so it divides by ``temperature`` itself; exact
+    without top-p / top-k / min-p truncation, which ``PrefixSharing`` checks). Keeps one step's log-probs: O(rows x
+    vocabulary) memory, where ``output_scores`` keeps every step's."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.previous, self.steps = temperature, None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids)
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, input_ids: torch.Tensor) -> None:
+        if self.previous is not None:  # the token just appended was drawn from the previous step's distribution
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+            self.previous = None
+
+    def result(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(rows, generated tokens) log-probs, once ``generate`` has returned ``sequences``."""
+        self._take(sequences)
+        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((len(sequences), 0), dtype=float)
+
+
 def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -154,8 +186,10 @@ def generate_grouped(
     stop: tuple | None = None,
     tokenizer=None,
     already: Sequence[int] = (),
-) -> list[list[int]]:
-    """Completion token ids for each prompt row (token ids), in order.
+    sampler_logps: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+    """Completion token ids for each prompt row (token ids), in order; with ``sampler_logps``, also each token's
+    log-prob under the sampler (``SampledLogps``), NaN for an EOS that ``cut`` appended (never sampled).
 
     With ``share_prompt``, the tokens every row begins with (``common_prefix``: few-shot examples, a system
     prompt) are prefilled once for the batch, then each group of equal prompts next to each other once more, up to
@@ -189,9 +223,23 @@ def generate_grouped(
     if stop is not None:
         criterion = AnswerStop(stop[0], stop[1], ids.shape[1], [*eos_token_ids, pad_token_id], already)
         kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
+    recorder = None
+    if sampler_logps:
+        recorder = SampledLogps(generation_config.temperature if generation_config.do_sample else 1.0)
+        kwargs["logits_processor"] = LogitsProcessorList([recorder])
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, **kwargs)
     stopped = criterion.stopped if criterion else {}
-    return [cut(row, eos_token_ids, stopped.get(i)) for i, row in enumerate(out[:, ids.shape[1] :].tolist())]
+    generated = out[:, ids.shape[1] :].tolist()
+    rows = [cut(row, eos_token_ids, stopped.get(i)) for i, row in enumerate(generated)]
+    if recorder is None:
+        return rows
+    logps = recorder.result(out).tolist()
+    forced = [
+        stopped.get(i) is not None and len(row) > min(stopped[i], len(generated[i])) for i, row in enumerate(rows)
+    ]
+    return rows, [
+        lp[: len(row) - 1] + [float("nan")] if f else lp[: len(row)] for lp, row, f in zip(logps, rows, forced)
+    ]
 
 
 def _pack(prompts, completions, groups) -> tuple[list[int], ...]:
@@ -304,15 +352,49 @@ def packed_logps(
 
 class PrefixSharing:
     """``GRPOTrainer`` methods (a mixin) that route TRL's transformers rollouts and text-only log-prob forwards
-    through this module, as ``share_prompt``, ``stop_at_answer`` and ``bf16_rollouts`` ask. vLLM, continuous
-    batching, tools, images and MoE auxiliary losses keep TRL's own paths. ``answer_format`` is set by the owner."""
+    through this module, as ``share_prompt``, ``stop_at_answer`` and ``bf16_rollouts`` ask, and correct the rollouts
+    that another precision sampled (``sampler_correction``). vLLM, continuous batching, tools, images and MoE
+    auxiliary losses keep TRL's own paths. ``answer_format`` is set by the owner."""
 
     answer_format: str | None = None
     _rollout = None
     _rollout_step = None
+    sampler_correction = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampler_correction = self._corrects_sampler()
+        if self.sampler_correction:
+            # TRL applies its importance-sampling correction (and logs the sampler mismatch) when ``use_vllm`` is
+            # set; past ``__init__`` that attribute gates nothing else on this path (rollouts check args.use_vllm).
+            self.use_vllm = True
+
+    def _corrects_sampler(self) -> bool:
+        """Whether the rollouts need TRL's importance-sampling correction: the loss forward runs in mixed precision,
+        so the sampler is another numerical policy; ``vllm_importance_sampling_correction`` (TRL's flag) on; this
+        module generates (no vLLM, continuous batching or tools); and the sampling distribution is temperature
+        only (``SampledLogps`` is exact there)."""
+        args, config = self.args, self.generation_config
+        return bool(
+            (args.bf16 or args.fp16)
+            and args.vllm_importance_sampling_correction
+            and not (args.use_vllm or self.use_transformers_continuous_batching or self.tools or self.rollout_func)
+            and config.do_sample
+            and config.top_p in (None, 1.0)
+            and not config.top_k
+            and config.min_p is None
+        )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields or self.tools:
+        if (
+            self.args.use_vllm
+            or self.use_transformers_continuous_batching
+            or images
+            or multimodal_fields
+            or self.tools
+        ):
+            if self.sampler_correction:
+                raise UserError("images need TRL's rollouts: set --vllm_importance_sampling_correction false")
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -333,7 +415,7 @@ class PrefixSharing:
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            ids = generate_grouped(
+            ids, logps = generate_grouped(
                 self._rollout_model(model),
                 prompt_ids,
                 self.generation_config,
@@ -341,8 +423,18 @@ class PrefixSharing:
                 self.eos_token_ids,
                 args.share_prompt,
                 stop,
+                sampler_logps=True,
             )
-        return ids, None
+        return ids, logps
+
+    def _generate(self, prompts):
+        """TRL's ``_generate``, with an EOS that ``cut`` appended (NaN sampler log-prob) kept out of the loss by TRL's
+        token mask for tokens the policy did not sample (``tool_mask``)."""
+        prompt_ids, completion_ids, tool_mask, *rest = super()._generate(prompts)
+        logps = rest[1]
+        if tool_mask is None and logps is not None and not self.args.use_vllm:
+            tool_mask = [[0 if lp != lp else 1 for lp in row] for row in logps]  # lp != lp: NaN
+        return (prompt_ids, completion_ids, tool_mask, *rest)
 
     def _rollout_model(self, model):
         """``model``, or its bf16 copy (``bf16_rollouts``) refreshed when the weights have changed since."""

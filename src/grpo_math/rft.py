@@ -3,11 +3,12 @@
 From a starting checkpoint, sample K completions per training problem (``passrate.sample_problems``: the GRPO
 prompt, ``eval``'s strict check, resumable), keep the correct ones that ended before ``max_completion_length``,
 drop identical ones per problem, and fine-tune on them with TRL's ``SFTTrainer`` (``train.sft_stage``: prompt = the
-GRPO prompt, completion = the model's own correct completion; the recipe's ``sft_*`` settings). Same budget as GRPO:
-K defaults to ``num_generations`` and the number of problems to what a GRPO stage of the recipe samples,
-``max_steps x per_device_train_batch_size x gradient_accumulation_steps x processes / num_iterations`` completions
-/ K; the problems are those GRPO trains on (after the recipe's ``sft_examples``). ``output_dir`` ends as a plain HF
-checkpoint with ``grpo_math_config.yaml``, ``rft_data.jsonl`` (one line per problem: passes and the kept
+GRPO prompt, completion = the model's own correct completion; the recipe's ``sft_*`` settings). Same problems and
+budget as GRPO: K defaults to ``num_generations``, the number of problems to what a GRPO stage of the recipe samples
+on one process (``max_steps x per_device_train_batch_size x gradient_accumulation_steps / num_iterations``
+completions) / K, and the problems are the first ones GRPO's sampler visits (``grpo_order``: TRL's
+``RepeatSampler`` with the recipe's seed over the training problems after ``sft_examples``). ``output_dir`` ends as
+a plain HF checkpoint with ``grpo_math_config.yaml``, ``rft_data.jsonl`` (one line per problem: passes and the kept
 completions; a rerun reuses it) and ``rft.json`` (settings, budget, counts, seconds, versions)::
 
     grpo-math rft --config recipes/cpu.yaml --dataset_name ../shared/data/gsm8k --model runs/cpu/sft \\
@@ -65,13 +66,33 @@ def rft_line(record: dict) -> dict:
 
 
 def grpo_budget(args) -> int | None:
-    """Completions a GRPO stage with these settings samples (None without ``max_steps``: it runs epochs)."""
-    from .models import torchrun_env
-
+    """Completions a GRPO stage with these settings samples on one process (None without ``max_steps``: it runs
+    epochs). RFT runs on one process, so a GRPO run on N processes samples N times this: give ``--rft_problems``."""
     if args.max_steps <= 0:
         return None
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * torchrun_env()[2]
-    return args.max_steps * per_step // args.num_iterations
+    return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps // args.num_iterations
+
+
+def grpo_order(count: int, args, k: int) -> list[int]:
+    """The indices of the first ``count`` distinct problems GRPO's sampler visits, in order: TRL's
+    ``RepeatSampler`` as ``GRPOTrainer._get_train_sampler`` builds it (shuffled with ``args.seed``, groups of ``k``).
+
+    >>> from types import SimpleNamespace
+    >>> args = SimpleNamespace(generation_batch_size=8, num_iterations=1, steps_per_generation=1, seed=42)
+    >>> grpo_order(3, args, 4) == grpo_order(3, args, 4) and sorted(grpo_order(10, args, 4)) == list(range(10))
+    True
+    """
+    from trl.trainer.utils import RepeatSampler
+
+    sampler = RepeatSampler(
+        data_source=range(count),
+        mini_repeat_count=k,
+        batch_size=args.generation_batch_size // k,
+        repeat_count=args.num_iterations * args.steps_per_generation,
+        shuffle=True,
+        seed=args.seed,
+    )
+    return list(dict.fromkeys(sampler))
 
 
 def model_flag(argv: list[str]) -> list[str]:
@@ -120,6 +141,7 @@ def rft_command(argv: list[str]) -> int:
         "split": script.dataset_train_split,
         "shuffle_seed": script.dataset_shuffle_seed,
         "skip": script.sft_examples,
+        "order": f"GRPO's sampler (seed {args.seed})",
         "num_problems": len(problems),
     }
     info = {"complete": False, "model": start_model, "source": source, "settings": settings, "grpo_budget": budget}
@@ -143,26 +165,25 @@ def rft_command(argv: list[str]) -> int:
 
 
 def training_problems(script, args, rft: RFTConfig, k: int):
-    """``(problems, GRPO's budget)``: the problems GRPO trains on (after ``sft_examples``, the recipe's order), as
-    many as ``rft_problems`` or the budget / K, at most ``dataset_limit``; prints the budget."""
+    """``(problems, GRPO's budget)``: ``rft_problems`` or budget / K problems, the first ones GRPO's sampler visits
+    among the problems GRPO trains on (after ``sft_examples``, at most ``dataset_limit``); prints what it took."""
     from .data import load_problems
 
     budget = grpo_budget(args)
-    wanted = rft.rft_problems or (max(1, budget // k) if budget else None)
-    if script.dataset_limit:
-        wanted = min(wanted or script.dataset_limit, script.dataset_limit)
-    problems = load_problems(
+    pool = load_problems(
         script.dataset_name,
         script.dataset_train_split,
-        wanted,
+        script.dataset_limit,
         script.dataset_shuffle_seed,
         script.skip_bad_rows,
         skip=script.sft_examples,
     )
+    wanted = min(rft.rft_problems or (max(1, budget // k) if budget else len(pool)), len(pool))
+    problems = [pool[i] for i in grpo_order(len(pool), args, k)[:wanted]]
     grpo = f"{budget} ({args.max_steps} steps of {budget // args.max_steps})" if budget else "K per problem and epoch"
     print(
-        f"RFT budget: {len(problems)} problems x {k} samples = {len(problems) * k} completions "
-        f"(a GRPO stage of these settings samples {grpo})"
+        f"RFT budget: {len(problems)} problems x {k} samples = {len(problems) * k} completions, the first problems "
+        f"GRPO's sampler visits (seed {args.seed}); a GRPO stage of these settings samples {grpo} on one process"
     )
     return problems, budget
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -72,7 +73,8 @@ def cold_start(script: ScriptConfig, args: GRPOMathConfig, model_args, path: str
     into the asked format. Returns ``output_dir/sft``, the folder GRPO starts from, reused when complete."""
     final = Path(args.output_dir) / SFT_DIR
     if not (final / CONFIG_FILE).is_file():
-        what = f"cold start (SFT) on {script.sft_examples} solutions"
+        extra = f" + {script.sft_extra_examples} of {script.sft_extra_dataset}" if script.sft_extra_dataset else ""
+        what = f"cold start (SFT) on {script.sft_examples} solutions{extra}"
         config = to_dict(script, model_args, args)
         sft_stage(script, args, model_args, path, tokenizer, sft_data(script, tokenizer), final, what, config)
     return str(final)
@@ -127,25 +129,41 @@ def sft_stage(script, args, model_args, path: str, tokenizer, dataset, final: Pa
 
 
 def sft_data(script: ScriptConfig, tokenizer):
-    """Prompt-completion rows for the cold start: the GRPO prompt (``load_gsm8k``), and the reference solution in
-    the asked format."""
+    """Prompt-completion rows for the cold start: the GRPO prompt (``load_gsm8k``) and the reference solution in the
+    asked format, for the first ``sft_examples`` problems of ``dataset_name`` and the first ``sft_extra_examples`` of
+    ``sft_extra_dataset``. A source whose rows carry no worked solution (a gym task without one) is an error: the
+    cold start would teach an empty ``<think>``."""
+    from datasets import concatenate_datasets
+
     from .data import format_solution
 
-    dataset = load_gsm8k(
-        script.dataset_name,
-        script.dataset_train_split,
-        script.sft_examples,
-        script.dataset_shuffle_seed,
-        script.answer_format,
-        script.system_prompt,
-        script.num_few_shot,
-        script.skip_bad_rows,
-    )
+    parts = [(script.dataset_name, script.sft_examples)]
+    if script.sft_extra_dataset:
+        parts.append((script.sft_extra_dataset, script.sft_extra_examples))
+    datasets = []
+    for name, count in parts:
+        rows = load_gsm8k(
+            name,
+            script.dataset_train_split,
+            count,
+            script.dataset_shuffle_seed,
+            script.answer_format,
+            script.system_prompt,
+            script.num_few_shot,
+            script.skip_bad_rows,
+        )
+        empty = sum(not solution.strip() for solution in rows["solution"])
+        if empty:
+            raise UserError(
+                f"cold start: {empty} of {len(rows)} rows of '{name}' have no worked solution to fine-tune on "
+                "(gym tasks other than the arithmetic ones carry none); use another source or sft_examples: 0"
+            )
+        datasets.append(rows.select_columns(["prompt", "solution", "answer"]))
 
     def target(row):
         return format_solution(row["solution"], row["answer"], script.answer_format, script.sft_keep_annotations)
 
-    return prompt_completion(dataset, tokenizer, target)
+    return prompt_completion(concatenate_datasets(datasets), tokenizer, target)
 
 
 def prompt_completion(dataset, tokenizer, target):
@@ -164,10 +182,12 @@ def announce(trainer, what: str) -> None:
     args, acc = trainer.args, trainer.accelerator
     if acc.is_main_process:
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-        print(
-            f"{what}: {trainer.state.max_steps or args.max_steps} steps, {acc.num_processes} x {acc.device.type}, "
-            f"{precision} -> {args.output_dir}"
-        )
+        steps = trainer.state.max_steps or args.max_steps
+        if steps <= 0:  # epochs: the optimizer steps the dataloader gives
+            steps = math.ceil(
+                len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps * args.num_train_epochs
+            )
+        print(f"{what}: {steps} steps, {acc.num_processes} x {acc.device.type}, {precision} -> {args.output_dir}")
 
 
 def write_run_info(trainer) -> dict:
