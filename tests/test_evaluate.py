@@ -16,7 +16,6 @@ from grpo_math import UserError, cli, evaluate, models
 from grpo_math.answers import answers_match, extract_flexible
 from grpo_math.callbacks import AccuracyCallback
 from grpo_math.compare import compare_results, format_comparison
-from grpo_math.config import PromptSettings
 from grpo_math.data import Problem
 from grpo_math.metrics import (
     lm_eval_correct,
@@ -29,6 +28,7 @@ from grpo_math.metrics import (
     summarize,
     wilson,
 )
+from grpo_math.prompts import PromptSettings
 from grpo_math.runfiles import write_results
 
 NO_REWARDS = PromptSettings(reward_funcs=[])  # the default prompt, no reward parts
@@ -328,11 +328,11 @@ def test_lm_eval_prompt_is_lm_evals_gsm8k_prompt_with_its_stop_sequences(
 
 
 def test_generate_cuts_text_at_a_stop_string(monkeypatch, embedded_model):
-    from grpo_math import prefix
+    from grpo_math import rollouts
 
     tokenizer = models.load_tokenizer(embedded_model)
     reply = tokenizer("So 72.\n#### 72\n\nQuestion: Tom has", add_special_tokens=False).input_ids
-    monkeypatch.setattr(prefix, "generate_grouped", lambda model, ids, *a, **k: [reply + [tokenizer.eos_token_id]])
+    monkeypatch.setattr(rollouts, "generate_grouped", lambda model, ids, *a, **k: [reply + [tokenizer.eos_token_id]])
     [[done]] = models.generate(
         SimpleNamespace(eval=lambda: None), tokenizer, ["Question: 1+1?\nAnswer:"], stop_strings=("Question:",)
     )

@@ -142,6 +142,7 @@ def test_resuming_with_other_settings_or_data_is_refused(fake, tmp_path, capsys)
         (["--model", "fake/model", "--min_pass_rate", "0.5", "--max_pass_rate", "0.5"], "must be < --max_pass_rate"),
         (["--model", "fake/model", "--limit", "0"], "--limit must be >= 1"),
         (["--dataset_name", "builtin"], "required: --model"),
+        (["--model", "fake/model", "--split", "test"], "only train problems may go into it"),
     ],
 )
 def test_bad_input_is_a_one_line_error(flags, message, tmp_path, capsys):

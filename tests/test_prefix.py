@@ -1,4 +1,5 @@
-"""The fast GRPO step (``prefix.py``) changes nothing but time: grouped generation gives plain ``generate``'s tokens,
+"""The fast GRPO step (``rollouts.py``, ``packing.py``, ``prefix.py``) changes nothing but time: grouped generation
+gives plain ``generate``'s tokens,
 the packed forward gives TRL's log-probs, entropies and gradients, the stop rule never ends a completion before its
 answer closes, the bf16 rollout copy follows the weights, and a training step logs the same numbers either way."""
 
@@ -15,7 +16,9 @@ from trl.trainer.utils import add_fused_lm_head
 
 from grpo_math import cli
 from grpo_math.answers import answer_closed
-from grpo_math.prefix import AnswerStop, PrefixSharing, cut, generate_grouped, packed_logps, pad_rows
+from grpo_math.packing import packed_logps
+from grpo_math.prefix import PrefixSharing
+from grpo_math.rollouts import AnswerStop, cut, generate_grouped, pad_rows
 
 
 def small_llama(vocab: int = 300, layers: int = 2) -> LlamaForCausalLM:
@@ -81,6 +84,23 @@ def test_packed_forward_gives_trls_logps_entropies_and_gradients(attention):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
     chunked, _ = packed_logps(models[1], ids, mask, width, batch_size=7, mask_dtype=mask_dtype)  # [5, 6], then [5]
     torch.testing.assert_close(chunked, logps, atol=1e-6, rtol=0)
+
+
+def test_packed_forward_groups_rows_by_prompt_after_trls_shuffle():
+    """TRL shuffles a batch before the loss: rows of one prompt are packed together wherever they sit, so the packed
+    row is as short as for a sorted batch, and the log-probs are TRL's, in the batch's own order."""
+    width = 5
+    ids, mask = batch([([5, 6, 7, 8, 9, 10], 4), ([5, 6, 11, 12, 13], 3), ([5, 14, 15], 2)], width)
+    shuffled = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))
+    assert any(torch.equal(ids[a, :-width], ids[b, :-width]) is False for a, b in zip(shuffled, shuffled[1:]))
+    model = small_llama()
+    add_fused_lm_head(model, outputs=("log_probs",))
+    lengths, forward = [], model.forward
+    model.forward = lambda input_ids, **kw: lengths.append(input_ids.shape[1]) or forward(input_ids=input_ids, **kw)
+    sorted_logps, _ = packed_logps(model, ids, mask, width)
+    shuffled_logps, _ = packed_logps(model, ids[shuffled], mask[shuffled], width)
+    assert lengths[0] == lengths[1]  # each prompt once in both
+    torch.testing.assert_close(shuffled_logps, sorted_logps[shuffled], atol=1e-6, rtol=0)
 
 
 def test_packed_forward_declines_a_completion_mask_with_holes():
@@ -167,8 +187,24 @@ def test_bf16_rollout_copy_follows_the_weights():
     assert PrefixSharing._rollout_model(owner, model) is model
 
 
-def test_a_training_step_logs_the_same_numbers_with_or_without_sharing(tiny_model, tmp_path, capsys):
-    logs = {}
+def test_a_training_step_logs_the_same_numbers_with_or_without_sharing(tiny_model, tmp_path, monkeypatch):
+    """Same numbers either way, and the fast path really ran: a TRL update that stopped calling the overrides would
+    turn sharing off without a word (and this comparison would still pass)."""
+    from grpo_math import prefix
+
+    calls = {"generate_grouped": 0, "packed_logps": 0}
+
+    def counted(name):
+        original = getattr(prefix, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(prefix, name, wrapper)
+
+    counted("generate_grouped"), counted("packed_logps")
+    logs, seen = {}, {}
     for share in ("true", "false"):
         out = tmp_path / share
         flags = [
@@ -184,9 +220,33 @@ def test_a_training_step_logs_the_same_numbers_with_or_without_sharing(tiny_mode
         flags += ["--save_steps", "100", "--beta", "0.02"]
         assert cli.main(flags) == 0
         logs[share] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
+        seen[share], calls["generate_grouped"], calls["packed_logps"] = dict(calls), 0, 0
+    # one rollout batch; packed forwards for the policy (with gradients) and the reference model
+    assert seen == {
+        "true": {"generate_grouped": 1, "packed_logps": 2},
+        "false": {"generate_grouped": 1, "packed_logps": 0},
+    }
     keys = ("loss", "reward", "completions/mean_length", "kl", "entropy", "grad_norm")
     for key in keys:
         assert logs["true"][key] == pytest.approx(logs["false"][key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_trl_methods_the_fast_path_overrides_keep_their_signatures():
+    """The overrides take TRL's arguments by position (pyproject pins the TRL minor release they were written
+    for); the call sites are covered by the training-step test above."""
+    import inspect
+
+    from trl import GRPOTrainer
+    from trl.trainer import utils
+
+    def named(method):
+        kinds = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        return [p.name for p in inspect.signature(method).parameters.values() if p.kind not in kinds]
+
+    for name in ("_generate_single_turn", "_get_per_token_logps_and_entropies", "_generate"):
+        ours, theirs = named(getattr(PrefixSharing, name)), named(getattr(GRPOTrainer, name))
+        assert theirs[: len(ours)] == ours, (name, theirs)
+    assert callable(utils._use_triton) and callable(utils.add_fused_lm_head)
 
 
 def test_rows_set_aside_after_a_first_round_continue_to_the_same_tokens(tiny_model, monkeypatch):
@@ -225,17 +285,20 @@ def test_packed_forward_runs_on_a_cpu_and_leaves_other_devices_to_trl():
     model.config._attn_implementation = "sdpa"
     add_fused_lm_head(model)
     ids, mask = batch([([5, 6, 7], 2)], width)
-    logps, _, _ = Trainer()._get_per_token_logps_and_entropies(model, ids, mask, width)
+    logps, _, _ = Trainer.__new__(Trainer)._get_per_token_logps_and_entropies(model, ids, mask, width)
     assert logps.shape == (2, width)
-    assert Trainer()._get_per_token_logps_and_entropies(model, ids.to("meta"), mask.to("meta"), width) == "trl"
+    assert (
+        Trainer.__new__(Trainer)._get_per_token_logps_and_entropies(model, ids.to("meta"), mask.to("meta"), width)
+        == "trl"
+    )
     Trainer.args.share_prompt = False
-    assert Trainer()._get_per_token_logps_and_entropies(model, ids, mask, width) == "trl"
+    assert Trainer.__new__(Trainer)._get_per_token_logps_and_entropies(model, ids, mask, width) == "trl"
 
 
 def test_sampler_logps_are_the_sampled_tokens_log_probs_and_nan_for_an_appended_eos(monkeypatch):
     """``SampledLogps`` records log_softmax(logits / T) of each sampled token (what TRL's importance-sampling
     correction compares with the trained policy), and an EOS that ``cut`` appends after a stop gets NaN."""
-    from grpo_math import prefix
+    from grpo_math import rollouts
 
     class StopFirstRowAfterThree(StoppingCriteria):
         def __init__(self, tokenizer, answer_format, prompt_length, *rest):
@@ -248,7 +311,7 @@ def test_sampler_logps_are_the_sampled_tokens_log_probs_and_nan_for_an_appended_
             done[list(self.stopped)] = True
             return done
 
-    monkeypatch.setattr(prefix, "AnswerStop", StopFirstRowAfterThree)
+    monkeypatch.setattr(rollouts, "AnswerStop", StopFirstRowAfterThree)
     model, eos, temperature = small_llama(), 299, 0.7
     config = GenerationConfig(
         do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=6, eos_token_id=eos, pad_token_id=2
@@ -293,3 +356,46 @@ def test_mixed_precision_rollouts_get_trls_importance_sampling_correction(bf16, 
     assert corrected == (bf16 == "true"), sorted(log)
     if corrected:
         assert 0 <= log["sampling/sampling_logp_difference/mean"] < 0.5
+
+
+@pytest.mark.parametrize("window,packed", [(4, False), (1000, True)])
+def test_a_sliding_window_shorter_than_the_batch_leaves_the_forward_to_trl(window, packed):
+    """transformers applies no window to a custom 4D mask: a packed forward is exact only where the window never
+    bites (it is at least the batch's token count), and TRL's path runs otherwise."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    class TRL:
+        def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
+            return "trl"
+
+    class Trainer(PrefixSharing, TRL):
+        args = SimpleNamespace(share_prompt=True)
+        accelerator = SimpleNamespace(unwrap_model=lambda model: model, autocast=contextlib.nullcontext)
+
+    config = MistralConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=window, pad_token_id=2,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    model = MistralForCausalLM(config)
+    add_fused_lm_head(model)
+    ids, mask = batch([([5, 6, 7, 8, 9], 2)], 4)
+    out = Trainer.__new__(Trainer)._get_per_token_logps_and_entropies(model, ids, mask, 4)
+    assert (out != "trl") == packed
+
+
+def test_answer_stop_on_a_continued_row_reads_what_the_first_round_wrote(tokenizer):
+    """A row continued after a first round (``models.generate``) has its answer's opening in its prompt: the stop
+    rule must read the completion from where it began (``already``), or it never sees the answer close."""
+    prompt = tokenizer("What is 2 + 2?\n", add_special_tokens=False).input_ids
+    first = tokenizer("<think>\n2 + 2 = 4\n</think>\n<answer>4", add_special_tokens=False).input_ids
+    close = tokenizer("</answer>", add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt + first + close])
+    start, eos = len(prompt) + len(first), [tokenizer.eos_token_id]
+    continued, blind = (
+        AnswerStop(tokenizer, "tags", start, eos, [len(first)]),
+        AnswerStop(tokenizer, "tags", start, eos),
+    )
+    for k in range(1, len(close) + 1):
+        continued(ids[:, : start + k], None), blind(ids[:, : start + k], None)
+    assert continued.stopped == {0: len(close)} and blind.stopped == {}

@@ -14,8 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 from grpo_math import cli, models
-from grpo_math.config import PromptSettings, parse_train_args
+from grpo_math.config import parse_train_args
 from grpo_math.data import build_prompt, few_shot_examples, load_problems
+from grpo_math.prompts import PromptSettings
 from grpo_math.rft import RFTConfig, grpo_budget, rft_line
 
 GOLD = {p.question: p.answer for p in load_problems("builtin")}
@@ -121,14 +122,13 @@ def test_rft_trains_a_checkpoint_eval_loads_and_reruns_from_its_data(
     assert any(not torch.equal(before[k], after[k]) for k in before)  # 2 steps of 2 rows trained
     assert PromptSettings.load(None, str(out)).source == str(out / "grpo_math_config.yaml")  # eval's prompt
 
+    monkeypatch.undo()  # eval generates with the trained checkpoint itself, not the fake
     evaluated = tmp_path / "eval"
-    assert (
-        cli.main(
-            ["eval", "--model", str(out), "--dataset_name", "builtin", "--limit", "2", "--output", str(evaluated)]
-        )
-        == 0
-    )
-    assert json.loads((evaluated / "results.json").read_text())["metrics"]["strict_accuracy"] == 1.0
+    eval_argv = ["eval", "--model", str(out), "--dataset_name", "builtin", "--limit", "2", "--max_new_tokens", "4"]
+    assert cli.main([*eval_argv, "--output", str(evaluated)]) == 0
+    results = json.loads((evaluated / "results.json").read_text())
+    assert results["model"] == str(out) and results["data"]["num_problems"] == 2
+    assert len((evaluated / "samples.jsonl").read_text().splitlines()) == 2
 
     monkeypatch.setattr(models, "generate", lambda *a, **k: pytest.fail("sampled again"))
     assert cli.main([*argv, "--output_dir", str(out), "--sft_batch_size", "4"]) == 0  # new fine-tune, same samples

@@ -68,3 +68,16 @@ def test_modules_are_small_and_say_what_they_own():
         assert doc and doc.splitlines()[0].strip(), f"{path.name}: no docstring whose first line says what it owns"
         lines = len(path.read_text().splitlines())
         assert lines <= MAX_LINES, f"{path.name} has {lines} lines (> {MAX_LINES}): split it by concern"
+
+
+def test_commands_that_build_no_trainer_start_without_torch_or_trl():
+    """``eval``, ``ask``, ``score``, ``compare``, ``report`` and ``filter`` answer ``--help`` (and parse their flags)
+    without importing TRL, transformers, peft or torch: seconds of start-up a person waits for."""
+    code = (
+        "import sys\nfrom grpo_math.cli import main\n"
+        "try:\n    main([sys.argv[1], '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('trl', 'transformers', 'peft', 'torch') if m in sys.modules))"
+    )
+    for command in ("eval", "ask", "score", "compare", "report", "filter"):
+        out = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "[]", (command, out.stdout[-300:], out.stderr[-300:])

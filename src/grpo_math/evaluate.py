@@ -26,6 +26,7 @@ from .compare import compare_results, format_comparison
 from .data import LM_EVAL_STOP, build_prompt, few_shot_examples, lm_eval_prompt, load_problems
 from .metrics import LM_EVAL_REGEX, format_value, score_problem, summarize
 from .models import torchrun_env
+from .prompts import PromptSettings
 from .runfiles import COMPARE_FILE, CONFIG_FILE, RESULTS_FILE, SAMPLES_FILE, read_config, versions, write_results
 
 EVAL_VERSION = 2  # bump when prompts, extraction or metric definitions change (2: generation stops at the answer)
@@ -218,8 +219,6 @@ def make_parser() -> ArgumentParser:
 
 def eval_command(argv: list[str]) -> int:
     """``grpo-math eval``: evaluate one model (or a base and a trained one), write and print the results."""
-    from .config import PromptSettings  # the config module imports TRL: slow, and compare needs none of it
-
     args = make_parser().parse_args(argv)
     sampling = sampling_from(args)
     rank, _, _ = _init_distributed()
@@ -373,7 +372,6 @@ def ask_command(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args(argv)
     from .answers import extract_flexible, extract_strict
-    from .config import PromptSettings
     from .models import generate, load_model
 
     prompt = PromptSettings.load(args.config, args.model)  # the recipe's, else those saved with a trained model

@@ -248,7 +248,7 @@ def generate(
     stop_format: str | None = None,
     stop_strings: tuple[str, ...] = (),
 ) -> list[list[dict]]:
-    """Batched generation through training's rollout path (``prefix.generate_grouped``): prompts sorted by length,
+    """Batched generation through training's rollout path (``rollouts.generate_grouped``): prompts sorted by length,
     each prompt prefilled once for its ``num_samples`` samples (and what all prompts share once per batch), each
     sequence stopped at EOS, with ``stop_format`` once its answer in that format closes, or at the first of
     ``stop_strings`` (cut off). A batch decodes until its longest row stops, so rows still going after
@@ -260,7 +260,7 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    from .prefix import generate_grouped
+    from .rollouts import generate_grouped
 
     texts = [apply_template(tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)

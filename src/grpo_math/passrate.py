@@ -33,6 +33,7 @@ from . import ArgumentParser, UserError
 from .data import load_problems
 from .evaluate import Sampling, add_problem_flags, evaluate_model, load_for_eval, problems_sha1, slug
 from .models import resolve_model, torchrun_env
+from .prompts import PromptSettings
 from .runfiles import CONFIG_FILE, FILTER_FILE, PASSRATES_FILE, read_config, versions
 
 CHUNK = 32  # problems sampled between two appends to the progress file (what an interruption can lose)
@@ -208,10 +209,10 @@ def filter_command(argv: list[str]) -> int:
         raise UserError(f"--min_pass_rate {args.min_pass_rate} must be < --max_pass_rate {args.max_pass_rate}")
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be >= 1")
+    if args.split != "train":
+        raise UserError(f"--split {args.split}: filter writes a training set; only train problems may go into it")
     sampling = sampling_from(args)
     resolve_model(args.model)  # a missing model fails before anything is written
-    from .config import PromptSettings  # imports TRL: slow, and only needed once the flags are valid
-
     prompt = no_rewards(PromptSettings.load(args.config, args.model))
     problems = load_problems(args.dataset_name, args.split, args.limit, None, args.skip_bad_rows)
     output = Path(args.output or Path("runs") / "filter" / slug(args.model))

@@ -109,10 +109,11 @@ def model_flag(argv: list[str]) -> list[str]:
 
 def rft_command(argv: list[str]) -> int:
     """``grpo-math rft``: sample from ``--model``, keep the correct completions, fine-tune on them."""
-    from .config import PromptSettings, parse_train_args, to_dict
+    from .config import parse_train_args, to_dict
     from .console import setup_logging
     from .evaluate import Sampling
     from .models import load_tokenizer, resolve_model
+    from .prompts import PromptSettings
     from .train import sft_stage
 
     setup_logging(main_process=True)

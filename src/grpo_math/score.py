@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 from . import ArgumentParser, UserError
-from .config import PromptSettings
 from .data import read_jsonl
+from .prompts import PromptSettings
 from .rewards import score_rows
 
 

@@ -386,9 +386,9 @@ def build_trainer(script: ScriptConfig, args: GRPOMathConfig, model_args, model,
 
 def accuracy_callback(script: ScriptConfig, args: GRPOMathConfig):
     """Greedy accuracy on the first ``eval_limit`` held-out problems every ``eval_steps`` steps."""
-    from .config import PromptSettings
     from .data import load_problems
     from .evaluate import Sampling
+    from .prompts import PromptSettings
 
     problems = load_problems(script.dataset_name, script.dataset_test_split, args.eval_limit)
     prompt = PromptSettings(

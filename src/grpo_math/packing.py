@@ -1,0 +1,150 @@
+"""The packed log-prob forward: each group's prompt computed once, completions side by side in one row.
+
+TRL feeds the prompt ``G`` times to every log-prob forward (the policy with gradients; the reference model or the
+old policy without). ``packed_logps`` packs groups into one row: the prefix their prompts share, each group's
+prompt without its last token, then for each completion a copy of that last token and the completion. A
+block-causal mask lets each completion see the shared prefix, its prompt and itself only, and each completion's
+positions continue its prompt's, so one forward over ``P + G(C + 1)`` tokens per group gives what ``G`` forwards
+over ``P + C`` tokens give, padding excluded (a test compares log-probs and gradients). Rows are grouped by prompt
+value, not by adjacency: TRL shuffles a batch before the loss. ``_labelled_positions_only`` is the one TRL patch
+here: its fused LM head then scores completion positions only. A model with a sliding window shorter than the
+batch is left to TRL (``sliding_window``: transformers applies no window to a custom mask).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .rollouts import common_prefix, runs
+
+MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a model some of whose layers attend within one (Mistral, Gemma, Qwen with
+    ``use_sliding_window``), else None. transformers passes a custom 4D mask through unchanged, window or not.
+
+    >>> from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    >>> sliding_window(LlamaConfig()), sliding_window(MistralConfig(sliding_window=4)), sliding_window(Qwen2Config())
+    (None, 4, None)
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", None) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    return window if types is None or "sliding_attention" in types else None
+
+
+def _pack(prompts, completions, groups) -> tuple[list[int], ...]:
+    """One packed row for ``groups``: the prefix their prompts share, then each group's own prompt tokens but the
+    last, then per completion that last token and the completion. Returns its tokens, positions, group (-1 for
+    the shared prefix) and member (0 for the group's prompt) of each token, labels, and for each completion where
+    its labels start, how many, and its batch row."""
+    shared = common_prefix([prompts[start] for start, _ in groups]) if len(groups) > 1 else 0
+    tok, pos = list(prompts[groups[0][0]][:shared]), list(range(shared))
+    group, member, lab, places = [-1] * shared, [0] * shared, [-100] * shared, []
+    for g, (start, end) in enumerate(groups):
+        prompt, n = prompts[start], len(prompts[start]) - 1
+        tok += prompt[shared:n]
+        pos += range(shared, n)
+        group, member, lab = group + [g] * (n - shared), member + [0] * (n - shared), lab + [-100] * (n - shared)
+        for k, i in enumerate(range(start, end), start=1):
+            c = completions[i]
+            places.append((len(tok), len(c), i))
+            tok += prompt[-1:] + c
+            pos += range(n, n + len(c) + 1)
+            group, member, lab = group + [g] * (len(c) + 1), member + [k] * (len(c) + 1), lab + c + [-100]
+    return tok, pos, group, member, lab, places
+
+
+def _block_mask(group: torch.Tensor, member: torch.Tensor, additive_dtype=None) -> torch.Tensor:
+    """(1, 1, T, T) mask, causal, where a token sees the shared prefix, its group's prompt, and its own completion.
+    Boolean (True = attend), or additive in ``additive_dtype`` for eager attention."""
+    index = torch.arange(group.shape[0], device=group.device)
+    same_group = group[:, None] == group[None, :]
+    visible = (group[None, :] == -1) | (same_group & ((member[None, :] == 0) | (member[:, None] == member[None, :])))
+    allowed = (index[:, None] >= index[None, :]) & visible
+    if additive_dtype is not None:
+        allowed = torch.zeros(allowed.shape, dtype=additive_dtype, device=group.device).masked_fill(
+            ~allowed, torch.finfo(additive_dtype).min
+        )
+    return allowed[None, None]
+
+
+@contextlib.contextmanager
+def _labelled_positions_only():
+    """TRL's fused LM head scores only the labelled positions on Triton devices, and every position elsewhere (to
+    keep tile shapes fixed for compilers such as Neuron's: ``trl.trainer.utils._use_triton`` decides). In eager CPU
+    mode that only wastes work: a packed row's prompt positions would go through the 49k-wide head for nothing.
+    Within this block the head scores labelled positions only; its tiles stay torch ops on a CPU."""
+    from trl.trainer import utils
+
+    original = getattr(utils, "_use_triton", None)
+    if original is None:  # another TRL: keep its behaviour
+        yield
+        return
+    utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        utils._use_triton = original
+
+
+def packed_logps(
+    model,
+    input_ids,
+    attention_mask,
+    logits_to_keep: int,
+    batch_size: int | None = None,
+    compute_entropy: bool = False,
+    mask_dtype=None,
+):
+    """TRL's ``(log-probs, entropies)`` of the last ``logits_to_keep`` tokens (0 on padding), from packed rows
+    (``_pack``: each shared prefix and each prompt computed once). ``model`` has TRL's fused LM head
+    (``trl.trainer.utils.add_fused_lm_head``); a forward holds about ``batch_size`` completions. The mask is boolean
+    (sdpa), or additive in ``mask_dtype`` (eager). ``None`` when a completion mask is not a prefix of its row (then
+    TRL's own path applies)."""
+    width = logits_to_keep
+    prompt_mask, completion_mask = attention_mask[:, :-width].bool(), attention_mask[:, -width:].bool()
+    lengths = completion_mask.sum(1)
+    if not torch.equal(completion_mask, torch.arange(width, device=lengths.device)[None] < lengths[:, None]):
+        return None
+    prompts = [row[m].tolist() for row, m in zip(input_ids[:, :-width], prompt_mask)]
+    completions = [row[: int(n)].tolist() for row, n in zip(input_ids[:, -width:], lengths)]
+    first: dict[tuple, int] = {}  # rows of one prompt side by side: TRL shuffles a batch before the loss
+    for i, prompt in enumerate(prompts):
+        first.setdefault(tuple(prompt), i)
+    order = sorted(range(len(prompts)), key=lambda i: first[tuple(prompts[i])])
+    prompts, completions = [prompts[i] for i in order], [completions[i] for i in order]
+    groups, chunks = runs(prompts), [[]]
+    for group in groups:
+        if chunks[-1] and sum(e - s for s, e in chunks[-1]) + group[1] - group[0] > (batch_size or len(prompts)):
+            chunks.append([])
+        chunks[-1].append(group)
+    device = input_ids.device
+    logps, entropies = [None] * len(prompts), [None] * len(prompts)
+    for chunk in chunks:
+        tokens, positions, group, member, labels, places = _pack(prompts, completions, chunk)
+
+        def tensor(values):
+            return torch.tensor(values, device=device)
+
+        with _labelled_positions_only():
+            out = model(
+                input_ids=tensor([tokens]),
+                attention_mask=_block_mask(tensor(group), tensor(member), mask_dtype),
+                position_ids=tensor([positions]),
+                shift_labels=tensor([labels]),
+                fused_lm_head=True,
+            )
+        for offset, n, j in places:
+            logps[order[j]] = out.log_probs[0, offset : offset + n]
+            if compute_entropy:
+                entropies[order[j]] = out.entropy[0, offset : offset + n]
+
+    def stacked(parts):
+        return torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[0])) for p in parts])
+
+    return stacked(logps), stacked(entropies) if compute_entropy else None
