@@ -19,6 +19,7 @@ False
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -250,3 +251,24 @@ def load_gsm8k(
             for p in problems
         ]
     )
+
+
+def problem_source(args, problems) -> dict:
+    """Which problems a command read (``results.json``'s ``data``, ``filter.json``'s ``source``): the flags of
+    ``add_problem_flags``, the count, the rows skipped as bad and a fingerprint of the questions and golds."""
+    return {
+        "dataset_name": args.dataset_name,
+        "split": args.split,
+        "limit": args.limit,
+        "num_problems": len(problems),
+        "skipped_rows": getattr(load_problems, "skipped", 0),
+        "problems_sha1": problems_sha1(problems),
+    }
+
+
+def problems_sha1(problems) -> str:
+    """Fingerprint of the evaluated questions and golds (same value = same problems in the same order)."""
+    digest = hashlib.sha1()
+    for p in problems:
+        digest.update(f"{p.question}\0{p.answer}\n".encode())
+    return digest.hexdigest()[:16]

@@ -14,7 +14,6 @@ grpo_math.UserError: --samples 4 needs --temperature > 0 (greedy decoding gives 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from . import ArgumentParser, UserError
 from .compare import compare_results, format_comparison
-from .data import LM_EVAL_STOP, build_prompt, few_shot_examples, lm_eval_prompt, load_problems
+from .data import LM_EVAL_STOP, build_prompt, few_shot_examples, lm_eval_prompt, load_problems, problem_source
 from .metrics import LM_EVAL_REGEX, format_value, score_problem, summarize
 from .models import torchrun_env
 from .prompts import PromptSettings
@@ -227,14 +226,7 @@ def eval_command(argv: list[str]) -> int:
     if args.lm_eval_prompt:
         prompt.answer_format, prompt.system_prompt, prompt.num_few_shot = "hash", None, 5
         prompt.lm_eval_shots = load_problems(args.dataset_name, "train", 5)
-    data = {
-        "dataset_name": args.dataset_name,
-        "split": args.split,
-        "limit": args.limit,
-        "num_problems": len(problems),
-        "skipped_rows": getattr(load_problems, "skipped", 0),
-        "problems_sha1": problems_sha1(problems),
-    }
+    data = problem_source(args, problems)
     if args.before_after:
         eval_before_after(args, problems, data, prompt, sampling, rank == 0)
     else:
@@ -383,14 +375,6 @@ def ask_command(argv: list[str]) -> int:
     print(f"\nanswer (strict, {prompt.answer_format}): {extract_strict(out['text'], prompt.answer_format)}")
     print(f"answer (flexible): {extract_flexible(out['text'])}")
     return 0
-
-
-def problems_sha1(problems) -> str:
-    """Fingerprint of the evaluated questions and golds (same value = same problems in the same order)."""
-    digest = hashlib.sha1()
-    for p in problems:
-        digest.update(f"{p.question}\0{p.answer}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def slug(model: str) -> str:

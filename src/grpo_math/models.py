@@ -267,7 +267,7 @@ def generate(
     rows = [(i, tokenizer(texts[i], add_special_tokens=False).input_ids) for i in order for _ in range(num_samples)]
     generated, ended, left = [[] for _ in rows], [False] * len(rows), dict.fromkeys(order, num_samples)
     sample = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ends, pad = eos_token_ids(model, tokenizer), tokenizer.pad_token_id
     stop = (tokenizer, stop_format) if stop_format else None
     model.eval()
 
@@ -278,7 +278,7 @@ def generate(
         config = GenerationConfig(
             max_new_tokens=budget,
             pad_token_id=pad,
-            eos_token_id=[eos],
+            eos_token_id=ends,
             top_k=None,
             stop_strings=list(stop_strings) or None,
             **sample,
@@ -290,7 +290,7 @@ def generate(
                 [rows[r][1] + generated[r] for r in part],
                 config,
                 pad,
-                [eos],
+                ends,
                 True,
                 stop,
                 tokenizer if stop_strings else None,
@@ -298,7 +298,7 @@ def generate(
             )
             done, tokens = 0, 0
             for r, out in zip(part, outs):
-                ended[r] = bool(out) and out[-1] == eos
+                ended[r] = bool(out) and out[-1] in ends
                 out = out[:-1] if ended[r] else out
                 while out and out[-1] == pad:  # after a stop string, where the pad token is not EOS
                     out = out[:-1]
@@ -324,6 +324,19 @@ def generate(
             text = text.split(s)[0]
         results[i].append({"text": text, "tokens": len(generated[r]), "truncated": not ended[r]})
     return results
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion, as TRL's ``GRPOTrainer`` sets its ``eos_token_ids`` for rollouts: the
+    tokenizer's EOS, then the model's generation config's (eval, ``filter`` and ``rft`` stop where training does).
+
+    >>> from types import SimpleNamespace as NS
+    >>> eos_token_ids(NS(generation_config=NS(eos_token_id=[7, 2])), NS(eos_token_id=2))
+    [7, 2]
+    """
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return ids if tokenizer.eos_token_id in ids else [tokenizer.eos_token_id, *ids]
 
 
 def prepare_model_command(argv: list[str]) -> int:

@@ -22,7 +22,6 @@ settings, counts, seconds, versions)::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,11 +29,11 @@ import time
 from pathlib import Path
 
 from . import ArgumentParser, UserError
-from .data import load_problems
-from .evaluate import Sampling, add_problem_flags, evaluate_model, load_for_eval, problems_sha1, slug
+from .data import load_problems, problem_source
+from .evaluate import Sampling, add_problem_flags, evaluate_model, load_for_eval, slug
 from .models import resolve_model, torchrun_env
 from .prompts import PromptSettings
-from .runfiles import CONFIG_FILE, FILTER_FILE, PASSRATES_FILE, read_config, versions
+from .runfiles import CONFIG_FILE, FILTER_FILE, PASSRATES_FILE, read_config, versions, write_json
 
 CHUNK = 32  # problems sampled between two appends to the progress file (what an interruption can lose)
 RESUME_KEYS = ("model", "answer_format", "system_prompt", "num_few_shot", "samples", "temperature", "top_p")
@@ -150,11 +149,6 @@ def sampling_settings(model: str, prompt, sampling: Sampling, seed: int) -> dict
     }
 
 
-def no_rewards(prompt):
-    """The prompt settings without reward parts (pass rates need only correctness: scoring is faster)."""
-    return dataclasses.replace(prompt, reward_funcs=[], reward_weights=None, reward_preset=None)
-
-
 def histogram(passed: list[int], samples: int) -> str:
     """Problems per pass count, ``passes/K: problems`` for 0..K."""
     return "  ".join(f"{j}/{samples}: {sum(p == j for p in passed)}" for j in range(samples + 1))
@@ -163,13 +157,6 @@ def histogram(passed: list[int], samples: int) -> str:
 def keep(pass_rate: float, min_pass_rate: float, max_pass_rate: float) -> bool:
     """The filter: strictly between the bounds (the defaults 0 and 1 keep the mixed groups)."""
     return min_pass_rate < pass_rate < max_pass_rate
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """A JSON file written under a temporary name and renamed (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 # ---- grpo-math filter ------------------------------------------------------------------------------------
@@ -213,7 +200,7 @@ def filter_command(argv: list[str]) -> int:
         raise UserError(f"--split {args.split}: filter writes a training set; only train problems may go into it")
     sampling = sampling_from(args)
     resolve_model(args.model)  # a missing model fails before anything is written
-    prompt = no_rewards(PromptSettings.load(args.config, args.model))
+    prompt = PromptSettings.prompt_of(PromptSettings.load(args.config, args.model))
     problems = load_problems(args.dataset_name, args.split, args.limit, None, args.skip_bad_rows)
     output = Path(args.output or Path("runs") / "filter" / slug(args.model))
     settings = {
@@ -223,14 +210,7 @@ def filter_command(argv: list[str]) -> int:
     }
     check_settings(output / FILTER_FILE, settings)
     output.mkdir(parents=True, exist_ok=True)
-    source = {
-        "dataset_name": args.dataset_name,
-        "split": args.split,
-        "limit": args.limit,
-        "num_problems": len(problems),
-        "skipped_rows": getattr(load_problems, "skipped", 0),
-        "problems_sha1": problems_sha1(problems),
-    }
+    source = problem_source(args, problems)
     write_json(output / FILTER_FILE, {"complete": False, "model": args.model, "source": source, "settings": settings})
     start = time.perf_counter()
     progress = output / PASSRATES_FILE

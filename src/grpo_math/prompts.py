@@ -102,6 +102,13 @@ class PromptSettings(PromptConfig):
         names = {f.name for f in dataclasses.fields(cls)} - {"source", "lm_eval_shots"}
         return cls(**{k: v for k, v in config.items() if k in names}, source=source)
 
+    @classmethod
+    def prompt_of(cls, config: PromptConfig) -> PromptSettings:
+        """The prompt of ``config`` (settings, or a recipe's ``ScriptConfig``) without reward parts: what sampling
+        for pass rates, RFT and the in-training accuracy need (scoring correctness only is faster)."""
+        source = getattr(config, "source", "recipe")
+        return cls(config.answer_format, config.system_prompt, config.num_few_shot, [], source=source)
+
     def as_dict(self) -> dict:
         """The settings written into an evaluation's ``results.json``."""
         return {key: getattr(self, key) for key in SAVED_PROMPT_KEYS}

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import UserError
-from .passrate import check_settings, histogram, pass_line, sample_problems, sampling_settings, write_json
-from .runfiles import RFT_DATA_FILE, RFT_FILE, versions
+from .passrate import check_settings, histogram, pass_line, sample_problems, sampling_settings
+from .runfiles import RFT_DATA_FILE, RFT_FILE, versions, write_json
 
 
 @dataclass
@@ -127,12 +127,7 @@ def rft_command(argv: list[str]) -> int:
         raise UserError(f"--output_dir {output} is the starting model's folder: give another one")
     k = rft.rft_samples or args.num_generations
     problems, budget = training_problems(script, args, rft, k)
-    prompt = PromptSettings(
-        answer_format=script.answer_format,
-        system_prompt=script.system_prompt,
-        num_few_shot=script.num_few_shot,
-        reward_funcs=[],
-    )
+    prompt = PromptSettings.prompt_of(script)
     sampling = Sampling(k, args.temperature, args.top_p, args.max_completion_length, rft.rft_batch_size)
     settings = sampling_settings(start_model, prompt, sampling, args.seed)
     check_settings(output / RFT_FILE, settings)

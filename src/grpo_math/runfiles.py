@@ -27,6 +27,13 @@ PASSRATES_FILE, FILTER_FILE = "passrates.jsonl", "filter.json"  # grpo-math filt
 RFT_DATA_FILE, RFT_FILE = "rft_data.jsonl", "rft.json"  # grpo-math rft (beside the checkpoint)
 
 
+def write_json(path: Path, obj: dict) -> None:
+    """A JSON file written under a temporary name and renamed (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 def write_results(folder: Path, results: dict, records: list[dict]) -> None:
     """``samples.jsonl`` then ``results.json`` (a folder with results.json is complete)."""
     folder = Path(folder)
@@ -34,7 +41,7 @@ def write_results(folder: Path, results: dict, records: list[dict]) -> None:
     with open(folder / SAMPLES_FILE, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (folder / RESULTS_FILE).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(folder / RESULTS_FILE, results)
 
 
 def load_results(folder, need_samples: bool = True) -> tuple[dict, list[dict]]:

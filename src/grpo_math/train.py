@@ -391,12 +391,7 @@ def accuracy_callback(script: ScriptConfig, args: GRPOMathConfig):
     from .prompts import PromptSettings
 
     problems = load_problems(script.dataset_name, script.dataset_test_split, args.eval_limit)
-    prompt = PromptSettings(
-        answer_format=script.answer_format,
-        system_prompt=script.system_prompt,
-        num_few_shot=script.num_few_shot,
-        reward_funcs=[],
-    )
+    prompt = PromptSettings.prompt_of(script)
     return AccuracyCallback(
         problems, int(args.eval_steps), prompt, Sampling(max_new_tokens=args.max_completion_length)
     )
