@@ -396,8 +396,12 @@ def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def make_folder(path: Path, right: set[int], n: int = 100) -> Path:
-    records = [score_problem(i, problem(i), [out(RIGHT if i in right else WRONG)], "tags") for i in range(n)]
+def make_folder(path: Path, right: set[int], n: int = 100, questions: int | None = None) -> Path:
+    """An eval folder of ``n`` problems, ``right`` ones answered right; ``questions`` distinct questions repeat."""
+    records = [
+        score_problem(i, problem(i % (questions or n)), [out(RIGHT if i in right else WRONG)], "tags")
+        for i in range(n)
+    ]
     metrics, ci = summarize(records)
     results = {
         "metrics": metrics,
@@ -428,6 +432,20 @@ def test_compare_identical_and_small_differences_are_not_significant(tmp_path):
     assert all(r["p_value"] == 1.0 for r in same["rows"])
     small = compare_results(a, make_folder(tmp_path / "small", right=set(range(52))))  # 2 flips: p = 0.5
     assert not next(r for r in small["rows"] if r["metric"] == "strict_accuracy")["significant"]
+
+
+def test_compare_distinct_tests_each_repeated_question_once(tmp_path, capsys):
+    # 10 questions repeated 10 times: B gains 4 questions, 40 problems. Counted per copy that is p ~ 2e-12; per
+    # question 4 wins, p = 0.125
+    a = make_folder(tmp_path / "a", right=set(), questions=10)
+    b = make_folder(tmp_path / "b", right={i for i in range(100) if i % 10 < 4}, questions=10)
+    copies, once = compare_results(a, b), compare_results(a, b, distinct=True)
+    strict = [next(r for r in c["rows"] if r["metric"] == "strict_accuracy") for c in (copies, once)]
+    assert strict[0]["b_better"] == 40 and strict[0]["p_value"] < 1e-9
+    assert strict[1]["b_better"] == 4 and strict[1]["p_value"] == 0.125 and strict[1]["b"] == 0.4
+    assert "90 shared problems repeat an earlier question" in format_comparison(copies)
+    assert cli.main(["compare", str(a), str(b), "--distinct"]) == 0
+    assert "the first copy of each of 10 distinct questions" in capsys.readouterr().out
 
 
 def test_compare_pairs_only_shared_problems(tmp_path, capsys):

@@ -2,7 +2,9 @@
 
 Problems are matched by index and question; each metric gets an exact two-sided sign test on its per-problem
 values (for 0/1 outcomes, McNemar's exact test on the discordant pairs), and the problems whose value changed
-are listed.
+are listed. A problem set that repeats questions (a gym task's test split keeps the generator's repeats) counts a
+question once per copy; ``--distinct`` pairs the first copy of each question only (the A/B columns then average
+over those), and without it the repeats are counted in a warning.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from .runfiles import load_results
 ALPHA = 0.05
 
 
-def compare_results(a, b, flip_metric: str = "strict_accuracy") -> dict:
-    """Every metric of two eval folders side by side with a paired exact test on the shared problems."""
+def compare_results(a, b, flip_metric: str = "strict_accuracy", distinct: bool = False) -> dict:
+    """Every metric of two eval folders side by side with a paired exact test on the shared problems (with
+    ``distinct``, on the first copy of each question only)."""
     (results_a, records_a), (results_b, records_b) = load_results(a), load_results(b)
     if flip_metric not in results_a["metrics"] and flip_metric not in results_b["metrics"]:
         raise UserError(f"unknown metric '{flip_metric}'; valid: {', '.join(results_a['metrics'])}")
     by_key_b = {(r["index"], r["question"]): r for r in records_b}
     pairs = [(r, by_key_b[(r["index"], r["question"])]) for r in records_a if (r["index"], r["question"]) in by_key_b]
+    firsts = list({ra["question"]: (ra, rb) for ra, rb in reversed(pairs)}.values())[::-1]
+    repeats, pairs = len(pairs) - len(firsts), firsts if distinct else pairs
     rows = []
     for metric in dict.fromkeys([*results_a["metrics"], *results_b["metrics"]]):
         value_a, value_b = results_a["metrics"].get(metric), results_b["metrics"].get(metric)
@@ -32,6 +37,8 @@ def compare_results(a, b, flip_metric: str = "strict_accuracy") -> dict:
             for ra, rb in pairs
             if metric in ra["scores"] and metric in rb["scores"]
         ]
+        if distinct and paired:
+            value_a, value_b = (round(sum(v) / len(paired), 6) for v in zip(*paired))
         b_better = sum(y > x for x, y in paired)
         a_better = sum(x > y for x, y in paired)
         p = sign_test(b_better, a_better) if paired else None
@@ -76,14 +83,18 @@ def compare_results(a, b, flip_metric: str = "strict_accuracy") -> dict:
     ]
     if results_a["data"].get("problems_sha1") != results_b["data"].get("problems_sha1"):
         differing.append("the problem sets differ; tests use the shared problems only")
+    if repeats and not distinct:
+        differing.append(f"{repeats} shared problems repeat an earlier question; --distinct tests each question once")
     return {
         "a": str(a),
         "b": str(b),
         "model_a": results_a.get("model"),
         "model_b": results_b.get("model"),
-        "shared_problems": len(pairs),
-        "only_a": len(records_a) - len(pairs),
-        "only_b": len(records_b) - len(pairs),
+        "shared_problems": len(pairs) + (repeats if distinct else 0),
+        "distinct": distinct,
+        "tested_problems": len(pairs),
+        "only_a": len(records_a) - len(pairs) - (repeats if distinct else 0),
+        "only_b": len(records_b) - len(pairs) - (repeats if distinct else 0),
         "alpha": ALPHA,
         "test": "exact two-sided sign test on per-problem values (McNemar's exact test for 0/1)",
         "settings_differ": differing,
@@ -98,7 +109,8 @@ def format_comparison(c: dict) -> str:
     lines = [
         f"A = {c['a']} ({c['model_a']})",
         f"B = {c['b']} ({c['model_b']})",
-        f"{c['shared_problems']} shared problems (only in A: {c['only_a']}, only in B: {c['only_b']})",
+        f"{c['shared_problems']} shared problems (only in A: {c['only_a']}, only in B: {c['only_b']})"
+        + (f"; tested: the first copy of each of {c['tested_problems']} distinct questions" if c["distinct"] else ""),
         "",
         f"{'metric':<24} {'A':>8} {'B':>8} {'B-A':>8} {'A>B':>5} {'B>A':>5} {'p':>9}",
     ]
@@ -112,7 +124,7 @@ def format_comparison(c: dict) -> str:
         f"\n* significant at {c['alpha']} ({c['test']}; A>B / B>A count problems where one side scored higher)"
     )
     for line in c["settings_differ"]:
-        lines.append(f"warning: settings differ: {line}")
+        lines.append(f"warning: {line}" if "repeat" in line else f"warning: settings differ: {line}")
     flips, metric = c["flips"], c["flip_metric"]
     up = sum(f["b"] > f["a"] for f in flips)
     lines.append(f"\n{len(flips)} problems changed on {metric}: {up} better in B, {len(flips) - up} better in A")
@@ -134,8 +146,11 @@ def compare_command(argv: list[str]) -> int:
     parser.add_argument("b", help="eval folder B, e.g. the trained model's")
     parser.add_argument("--output", help="also write the comparison: .json as JSON, anything else as the text table")
     parser.add_argument("--metric", default="strict_accuracy", help="metric whose per-problem changes are listed")
+    parser.add_argument(
+        "--distinct", action="store_true", help="test each question once (its first copy): for sets with repeats"
+    )
     args = parser.parse_args(argv)
-    comparison = compare_results(args.a, args.b, args.metric)
+    comparison = compare_results(args.a, args.b, args.metric, args.distinct)
     text = format_comparison(comparison)
     print(text)
     if args.output:
