@@ -420,6 +420,8 @@ def test_compare_flags_a_planted_improvement(tmp_path):
     comparison = compare_results(a, b)
     row = next(r for r in comparison["rows"] if r["metric"] == "strict_accuracy")
     assert row["significant"] and row["p_value"] < 1e-9 and math.isclose(row["difference"], 0.4)
+    low, high = row["difference_ci95"]  # 40 of 100 gained, none lost: 0.4 +- 1.96 * sd / 10
+    assert math.isclose(low, 0.4 - 1.96 * math.sqrt(0.24 * 100 / 99) / 10, abs_tol=1e-6) and high > 0.4 > low > 0
     assert [f["index"] for f in comparison["flips"]] == list(range(30, 70))
     assert all(f["a"] == 0 and f["b"] == 1 for f in comparison["flips"])
     assert "40 better in B" in format_comparison(comparison)

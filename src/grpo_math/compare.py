@@ -10,6 +10,7 @@ over those), and without it the repeats are counted in a warning.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from . import ArgumentParser, UserError
@@ -17,6 +18,21 @@ from .metrics import format_value, sign_test
 from .runfiles import load_results
 
 ALPHA = 0.05
+
+
+def paired_interval(differences: list[float], z: float = 1.96) -> list[float] | None:
+    """95% interval of the mean paired difference B - A (normal approximation over problems; for 0/1 outcomes
+    the Wald interval for paired proportions), None without pairs.
+
+    >>> paired_interval([1.0] * 24 + [-1.0] * 20 + [0.0] * 1275)  # GSM8K, 24 gained, 20 lost of 1,319
+    [-0.006839, 0.012904]
+    """
+    n = len(differences)
+    if not n:
+        return None
+    mean = sum(differences) / n
+    spread = z * math.sqrt(sum((d - mean) ** 2 for d in differences) / max(n - 1, 1) / n)
+    return [round(mean - spread, 6), round(mean + spread, 6)]
 
 
 def compare_results(a, b, flip_metric: str = "strict_accuracy", distinct: bool = False) -> dict:
@@ -42,6 +58,7 @@ def compare_results(a, b, flip_metric: str = "strict_accuracy", distinct: bool =
         b_better = sum(y > x for x, y in paired)
         a_better = sum(x > y for x, y in paired)
         p = sign_test(b_better, a_better) if paired else None
+        differences = [y - x for x, y in paired]
         rows.append(
             {
                 "metric": metric,
@@ -49,6 +66,7 @@ def compare_results(a, b, flip_metric: str = "strict_accuracy", distinct: bool =
                 "b": value_b,
                 "difference": None if value_a is None or value_b is None else round(value_b - value_a, 6),
                 "paired_problems": len(paired),
+                "difference_ci95": paired_interval(differences),
                 "b_better": b_better,
                 "a_better": a_better,
                 "p_value": p,
@@ -112,16 +130,20 @@ def format_comparison(c: dict) -> str:
         f"{c['shared_problems']} shared problems (only in A: {c['only_a']}, only in B: {c['only_b']})"
         + (f"; tested: the first copy of each of {c['tested_problems']} distinct questions" if c["distinct"] else ""),
         "",
-        f"{'metric':<24} {'A':>8} {'B':>8} {'B-A':>8} {'A>B':>5} {'B>A':>5} {'p':>9}",
+        f"{'metric':<24} {'A':>8} {'B':>8} {'B-A':>8} {'95% CI of B-A':>19} {'A>B':>5} {'B>A':>5} {'p':>9}",
     ]
     for row in c["rows"]:
         metric = row["metric"]
         a, b, diff = (format_value(metric, row[key], sign=key == "difference") for key in ("a", "b", "difference"))
+        ci = row.get("difference_ci95")
+        ci = "-" if ci is None else f"[{format_value(metric, ci[0], True)}, {format_value(metric, ci[1], True)}]"
         p = "-" if row["p_value"] is None else f"{row['p_value']:.2g}"
         star = "  *" if row["significant"] else ""
-        lines.append(f"{metric:<24} {a:>8} {b:>8} {diff:>8} {row['a_better']:>5} {row['b_better']:>5} {p:>9}{star}")
+        counts = f"{row['a_better']:>5} {row['b_better']:>5}"
+        lines.append(f"{metric:<24} {a:>8} {b:>8} {diff:>8} {ci:>19} {counts} {p:>9}{star}")
     lines.append(
-        f"\n* significant at {c['alpha']} ({c['test']}; A>B / B>A count problems where one side scored higher)"
+        f"\n* significant at {c['alpha']} ({c['test']}; A>B / B>A count problems where one side scored higher; the "
+        "interval is the mean paired difference's, normal approximation)"
     )
     for line in c["settings_differ"]:
         lines.append(f"warning: {line}" if "repeat" in line else f"warning: settings differ: {line}")
