@@ -25,7 +25,7 @@ def paired_interval(differences: list[float], z: float = 1.96) -> list[float] | 
     the Wald interval for paired proportions), None without pairs.
 
     >>> paired_interval([1.0] * 24 + [-1.0] * 20 + [0.0] * 1275)  # GSM8K, 24 gained, 20 lost of 1,319
-    [-0.006839, 0.012904]
+    [-0.006827, 0.012892]
     """
     n = len(differences)
     if not n:
