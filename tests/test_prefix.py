@@ -269,9 +269,8 @@ def test_rows_set_aside_after_a_first_round_continue_to_the_same_tokens(tiny_mod
     assert sum(done for done, _ in seen[:2]) == 3  # the first run's two batches
 
 
-def test_packed_forward_runs_on_a_cpu_and_leaves_other_devices_to_trl():
-    """The device branch of ``PrefixSharing._get_per_token_logps_and_entropies``: packed on a CPU, TRL's own forward
-    elsewhere (a GPU's flash attention cannot take the block mask: README) or with ``share_prompt`` off."""
+def forward_only_trainer():
+    """A ``PrefixSharing`` trainer class over a stand-in for TRL whose own log-prob forward returns "trl"."""
 
     class TRL:
         def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
@@ -281,6 +280,14 @@ def test_packed_forward_runs_on_a_cpu_and_leaves_other_devices_to_trl():
         args = SimpleNamespace(share_prompt=True)
         accelerator = SimpleNamespace(unwrap_model=lambda model: model, autocast=contextlib.nullcontext)
 
+    return Trainer
+
+
+def test_packed_forward_runs_on_a_cpu_and_leaves_other_devices_to_trl():
+    """The device branch of ``PrefixSharing._get_per_token_logps_and_entropies``: packed on a CPU, TRL's own forward
+    elsewhere (a GPU's flash attention cannot take the block mask: README) or with ``share_prompt`` off."""
+
+    Trainer = forward_only_trainer()
     model, width = small_llama(), 4
     model.config._attn_implementation = "sdpa"
     add_fused_lm_head(model)
@@ -364,14 +371,7 @@ def test_a_sliding_window_shorter_than_the_batch_leaves_the_forward_to_trl(windo
     bites (it is at least the batch's token count), and TRL's path runs otherwise."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    class TRL:
-        def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
-            return "trl"
-
-    class Trainer(PrefixSharing, TRL):
-        args = SimpleNamespace(share_prompt=True)
-        accelerator = SimpleNamespace(unwrap_model=lambda model: model, autocast=contextlib.nullcontext)
-
+    Trainer = forward_only_trainer()
     config = MistralConfig(
         vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=window, pad_token_id=2,
