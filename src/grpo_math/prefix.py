@@ -14,6 +14,7 @@ minor release these overrides were written for; tests check they run in a real s
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -105,7 +106,7 @@ class PrefixSharing:
         prompt_ids, completion_ids, tool_mask, *rest = super()._generate(prompts)
         logps = rest[1]
         if tool_mask is None and logps is not None and not self.args.use_vllm:
-            tool_mask = [[0 if lp != lp else 1 for lp in row] for row in logps]  # lp != lp: NaN
+            tool_mask = [[0 if math.isnan(lp) else 1 for lp in row] for row in logps]
         return (prompt_ids, completion_ids, tool_mask, *rest)
 
     def _rollout_model(self, model):
