@@ -156,3 +156,20 @@ def test_every_command_has_an_entry_point(name):
 
     module, function, _ = COMMANDS[name]
     assert callable(getattr(importlib.import_module(module), function))
+
+
+def test_results_name_the_source_commit(tmp_path):
+    """run_info.json and results.json carry the git commit of the code that made them (``+dirty`` with local
+    changes), and None where the package is not a tracked file of a checkout."""
+    from grpo_math import runfiles
+
+    package = Path(runfiles.__file__).resolve().parent
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty=+dirty", "--abbrev=12"], cwd=package, capture_output=True, text=True
+    )
+    if described.returncode:
+        pytest.skip("not running from a git checkout")
+    assert runfiles.versions()["grpo_math_git"] == described.stdout.strip()
+    assert runfiles.source_commit(tmp_path) is None
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # a repository that does not track the package
+    assert runfiles.source_commit(tmp_path) is None

@@ -11,17 +11,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, StoppingCriteria
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from grpo_math import cli
 from grpo_math.answers import answer_closed
 from grpo_math.packing import packed_logps
 from grpo_math.prefix import PrefixSharing
-from grpo_math.rollouts import AnswerStop, cut, generate_grouped, pad_rows
+from grpo_math.rollouts import AnswerStop, Sampler, decodable, generate_grouped, pad_rows
 
 
-def small_llama(vocab: int = 300, layers: int = 2) -> LlamaForCausalLM:
+def small_llama(vocab: int = 300, layers: int = 2, std: float | None = None) -> LlamaForCausalLM:
+    """A random two-layer Llama; ``std`` re-draws its matrices wider, so greedy decoding varies from token to token
+    (at the default scale it repeats one token)."""
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=64,
@@ -35,7 +37,11 @@ def small_llama(vocab: int = 300, layers: int = 2) -> LlamaForCausalLM:
         eos_token_id=2,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    for p in model.parameters() if std else ():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=std)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +117,16 @@ def test_packed_forward_declines_a_completion_mask_with_holes():
     assert packed_logps(model, ids, mask, 4) is None
 
 
-def test_grouped_generation_gives_plain_generates_tokens(tokenizer):
-    model = small_llama(vocab=len(tokenizer)).eval()
+def up_to_eos(rows: list[list[int]], eos: list[int]) -> list[list[int]]:
+    """``generate``'s padded rows cut after their first EOS (kept, as TRL keeps it)."""
+    return [next((row[: i + 1] for i, t in enumerate(row) if t in eos), row) for row in rows]
+
+
+@pytest.mark.parametrize("ends", ["eos", "frequent"])
+def test_grouped_generation_gives_plain_generates_tokens(tokenizer, ends):
+    """Greedy, ``generate_grouped`` gives ``generate``'s tokens. With ``frequent``, the tokens that end a row are
+    ones the model writes often, so rows end at different steps and leave the batch while others go on."""
+    model = small_llama(vocab=len(tokenizer), std=0.3).eval()
     shots = tokenizer("Example: 1 + 1 = 2. Example: 2 * 3 = 6.\n").input_ids  # a prefix every prompt shares
     questions = ["What is 2+3?", "Apples cost 4 each; 5 apples cost?", "Half of 48?"]
     prompts = [shots + tokenizer(q).input_ids for q, g in zip(questions, (3, 3, 1)) for _ in range(g)]
@@ -122,8 +136,16 @@ def test_grouped_generation_gives_plain_generates_tokens(tokenizer):
     )
     ids, mask = pad_rows(prompts, tokenizer.pad_token_id, "cpu")
     plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy)[:, ids.shape[1] :].tolist()
+    if ends == "frequent":  # end rows where the free run wrote these tokens: at several different steps
+        eos = [plain[0][5], plain[3][11], plain[6][17]]
+        greedy.eos_token_id = eos
+        plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy)[:, ids.shape[1] :]
+        plain = plain.tolist()
+    expected = up_to_eos(plain, eos)
+    if ends == "frequent":
+        assert len({len(row) for row in expected}) >= 3
     shared = generate_grouped(model, prompts, greedy, tokenizer.pad_token_id, eos, share_prompt=True)
-    assert shared == [cut(row, eos, None) for row in plain]
+    assert shared == expected
     distinct = prompts[2:5]  # no two equal: only the shared prefix is prefilled once (greedy evaluation)
     assert generate_grouped(model, distinct, greedy, tokenizer.pad_token_id, eos) == shared[2:5]
     sampled = GenerationConfig(**{**greedy.to_diff_dict(), "do_sample": True, "temperature": 1.0, "top_k": None})
@@ -131,7 +153,49 @@ def test_grouped_generation_gives_plain_generates_tokens(tokenizer):
     a = generate_grouped(model, prompts, sampled, tokenizer.pad_token_id, eos, share_prompt=True)
     torch.manual_seed(1)
     b = generate_grouped(model, prompts, sampled, tokenizer.pad_token_id, eos, share_prompt=False)
-    assert a == b and len({tuple(r) for r in a}) > 2  # same samples, and they do differ within a group
+    assert a == b and len({tuple(r) for r in a}) > 3  # same samples, and they do differ within a group
+
+
+def test_the_sampler_draws_from_the_warped_softmax():
+    """The exponential race draws each token with its softmax probability (20,000 draws, within 4 standard
+    errors), after the warpers: nothing outside top-k / top-p, temperature sharpening; greedy is the argmax."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20_000, 1)
+    torch.manual_seed(0)
+    for config, probs in [
+        (GenerationConfig(do_sample=True, top_k=None), torch.softmax(logits[0], -1)),
+        (GenerationConfig(do_sample=True, top_k=None, temperature=0.5), torch.softmax(logits[0] / 0.5, -1)),
+        (GenerationConfig(do_sample=True, top_k=2), torch.softmax(logits[0, :2], -1).tolist() + [0, 0, 0]),
+        (GenerationConfig(do_sample=True, top_k=None, top_p=0.6), torch.softmax(logits[0, :2], -1).tolist() + [0] * 3),
+    ]:
+        tokens, logps = Sampler(config)(logits)
+        seen = torch.bincount(tokens, minlength=5) / len(tokens)
+        probs = torch.as_tensor(probs, dtype=torch.float32)
+        assert torch.all((seen - probs).abs() <= 4 * (probs * (1 - probs) / len(tokens)).sqrt() + 1e-9), (seen, probs)
+        torch.testing.assert_close(logps.exp(), probs[tokens], atol=1e-5, rtol=0)
+    tokens, _ = Sampler(GenerationConfig(do_sample=False))(logits[:3])
+    assert tokens.tolist() == [0, 0, 0]
+
+
+def test_what_the_decode_loop_cannot_honour_goes_to_trls_generate():
+    """``decodable``: TRL's own rollout settings pass; a repetition penalty, beams or a static cache do not, and
+    ``PrefixSharing`` then hands the rollouts to TRL's ``_generate_single_turn``."""
+    trl_like = {"max_new_tokens": 8, "do_sample": True, "pad_token_id": 2, "bos_token_id": 1, "eos_token_id": [2]}
+    trl_like |= {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": None, "repetition_penalty": 1.0}
+    trl_like |= {"cache_implementation": None}
+    assert decodable(GenerationConfig(**trl_like, disable_compile=True))
+    for extra in ({"repetition_penalty": 1.1}, {"num_beams": 2}, {"cache_implementation": "static"}):
+        assert not decodable(GenerationConfig(**{**trl_like, **extra}))
+
+    class TRL:
+        def _generate_single_turn(self, *args):
+            return "trl"
+
+    class Trainer(PrefixSharing, TRL):
+        args = SimpleNamespace(use_vllm=False)
+        use_transformers_continuous_batching, tools, sampler_correction = False, None, False
+        generation_config = GenerationConfig(**{**trl_like, "repetition_penalty": 1.1})
+
+    assert Trainer.__new__(Trainer)._generate_single_turn([[5, 6]], None, None, 1) == "trl"
 
 
 text_piece = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<", ">", "/", "answer", "\n", " ", "4"])
@@ -149,18 +213,26 @@ MARKERS = {"tags": "<answer> 4</answer>", "hash": "#### 4\n", "boxed": "\\boxed{
     answer_format=st.sampled_from(list(MARKERS)),
 )
 def test_stop_rule_ends_a_completion_exactly_when_its_answer_closes(tokenizer, before, marker, after, answer_format):
-    """Fed token by token as ``generate`` would, ``AnswerStop`` stops at the first token after which the text holds
-    a closed answer (``answers.answer_closed``), never before it; ``cut`` keeps those tokens and adds EOS."""
-    prompt = tokenizer("Q: 2+2?").input_ids
+    """Fed token by token as the decode loop feeds it, ``AnswerStop`` says "answer" at the first token after which
+    the text holds a closed answer (``answers.answer_closed``), never before it."""
     tokens = tokenizer("".join(before) + marker + "".join(after), add_special_tokens=False).input_ids
-    stop = AnswerStop(tokenizer, answer_format, len(prompt), [tokenizer.eos_token_id])
-    for t in range(1, len(tokens) + 1):
-        stop(torch.tensor([prompt + tokens[:t]]), None)
+    stop = AnswerStop(tokenizer, answer_format)
+    said = [t for t in range(1, len(tokens) + 1) if stop(tokens[:t]) == "answer"]
     closes = [t for t in range(1, len(tokens) + 1) if answer_closed(tokenizer.decode(tokens[:t]), answer_format)]
-    assert stop.stopped.get(0) == (closes[0] if closes else None)
-    kept = cut(tokens, [tokenizer.eos_token_id], stop.stopped.get(0))
-    if closes:
-        assert kept == tokens[: closes[0]] + [tokenizer.eos_token_id]
+    assert said[:1] == closes[:1]
+
+
+def test_stop_strings_end_a_row_at_the_token_that_completes_them(tokenizer):
+    """A stop string ends a row at the token that completes it, even inside a token or across tokens; the answer
+    rule and the strings work together."""
+    stop = AnswerStop(tokenizer, None, ["Question:", "\n\n"])
+    tokens = tokenizer("The answer is 4.\n\nQuestion: what", add_special_tokens=False).input_ids
+    ends = [t for t in range(1, len(tokens) + 1) if stop(tokens[:t])]
+    text = tokenizer.decode(tokens[: ends[0]])
+    assert text.endswith("\n\n") and "\n\n" not in tokenizer.decode(tokens[: ends[0] - 1])
+    both = AnswerStop(tokenizer, "tags", ["Question:"])
+    assert both(tokenizer("<answer>4</answer>", add_special_tokens=False).input_ids) == "answer"
+    assert both(tokenizer("4\nQuestion:", add_special_tokens=False).input_ids) == "string"
 
 
 def test_bf16_rollout_copy_follows_the_weights():
@@ -303,20 +375,19 @@ def test_packed_forward_runs_on_a_cpu_and_leaves_other_devices_to_trl():
 
 
 def test_sampler_logps_are_the_sampled_tokens_log_probs_and_nan_for_an_appended_eos(monkeypatch):
-    """``SampledLogps`` records log_softmax(logits / T) of each sampled token (what TRL's importance-sampling
-    correction compares with the trained policy), and an EOS that ``cut`` appends after a stop gets NaN."""
+    """``generate_grouped`` keeps log_softmax(logits / T) of each sampled token (what TRL's importance-sampling
+    correction compares with the trained policy), and the EOS appended after a closed answer gets NaN."""
     from grpo_math import rollouts
 
-    class StopFirstRowAfterThree(StoppingCriteria):
-        def __init__(self, tokenizer, answer_format, prompt_length, *rest):
-            self.start, self.stopped = prompt_length, {}
+    class StopFirstRowAfterThree:  # the loop asks rows in order: row 0 is the first of length 3
+        def __init__(self, *args):
+            self.fired = False
 
-        def __call__(self, input_ids, scores, **kwargs):
-            if input_ids.shape[1] - self.start == 3:
-                self.stopped[0] = 3
-            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-            done[list(self.stopped)] = True
-            return done
+        def __call__(self, tokens):
+            if len(tokens) == 3 and not self.fired:
+                self.fired = True
+                return "answer"
+            return None
 
     monkeypatch.setattr(rollouts, "AnswerStop", StopFirstRowAfterThree)
     model, eos, temperature = small_llama(), 299, 0.7
@@ -384,18 +455,56 @@ def test_a_sliding_window_shorter_than_the_batch_leaves_the_forward_to_trl(windo
     assert (out != "trl") == packed
 
 
+class Bigram(torch.nn.Module):
+    """A stand-in language model whose next token is ``following[last token]`` (else ``default``), whatever the other
+    rows and the cache hold: a script for the decode loop."""
+
+    def __init__(self, following: dict[int, int], default: int, vocab: int):
+        super().__init__()
+        self.config = LlamaConfig(vocab_size=vocab, hidden_size=8, num_hidden_layers=1, num_attention_heads=1)
+        self.table = torch.full((vocab,), default)
+        self.table[list(following)] = torch.tensor(list(following.values()))
+
+    device = torch.device("cpu")
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        logits = torch.full((len(input_ids), 1, len(self.table)), -1e4)
+        logits[torch.arange(len(input_ids)), 0, self.table[input_ids[:, -1]]] = 0.0
+        return SimpleNamespace(logits=logits)
+
+
 def test_answer_stop_on_a_continued_row_reads_what_the_first_round_wrote(tokenizer):
     """A row continued after a first round (``models.generate``) has its answer's opening in its prompt: the stop
     rule must read the completion from where it began (``already``), or it never sees the answer close."""
     prompt = tokenizer("What is 2 + 2?\n", add_special_tokens=False).input_ids
     first = tokenizer("<think>\n2 + 2 = 4\n</think>\n<answer>4", add_special_tokens=False).input_ids
     close = tokenizer("</answer>", add_special_tokens=False).input_ids
-    ids = torch.tensor([prompt + first + close])
-    start, eos = len(prompt) + len(first), [tokenizer.eos_token_id]
-    continued, blind = (
-        AnswerStop(tokenizer, "tags", start, eos, [len(first)]),
-        AnswerStop(tokenizer, "tags", start, eos),
-    )
-    for k in range(1, len(close) + 1):
-        continued(ids[:, : start + k], None), blind(ids[:, : start + k], None)
-    assert continued.stopped == {0: len(close)} and blind.stopped == {}
+    more, eos = tokenizer(" more", add_special_tokens=False).input_ids[0], tokenizer.eos_token_id
+    script = [first[-1], *close, more]
+    model = Bigram(dict(zip(script, script[1:])), more, len(tokenizer))
+    config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    row = [prompt + first]
+    continued = generate_grouped(model, row, config, eos, [eos], stop=(tokenizer, "tags"), already=[len(first)])
+    blind = generate_grouped(model, row, config, eos, [eos], stop=(tokenizer, "tags"))
+    assert continued == [[*close, eos]] and blind == [[*close, *[more] * (8 - len(close))]]
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(onednn, monkeypatch):
+    """``packed_linears`` (oneDNN with the weights reordered once) computes what ``F.linear`` computes in bf16,
+    bit for bit, and afterwards the model's layers are plain ``nn.Linear`` again (training needs their gradients).
+    On a CPU without oneDNN's bf16 kernels (AVX2 alone) nothing is packed."""
+    from grpo_math import rollouts
+
+    if onednn and not rollouts.onednn_bf16():
+        pytest.skip("this CPU has no oneDNN bf16 kernels (AVX2 alone): the packed branch cannot run here")
+    monkeypatch.setattr(rollouts, "onednn_bf16", lambda: onednn)
+    model = small_llama(std=0.3).to(torch.bfloat16).eval()
+    ids = torch.randint(3, 300, (3, 9))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with rollouts.packed_linears(model, 3):
+            assert ("forward" in model.model.layers[0].mlp.up_proj.__dict__) == onednn
+            packed = model(input_ids=ids).logits
+    assert torch.equal(plain, packed)
+    assert not any("forward" in m.__dict__ for m in model.modules())

@@ -251,9 +251,10 @@ def generate(
     """Batched generation through training's rollout path (``rollouts.generate_grouped``): prompts sorted by length,
     each prompt prefilled once for its ``num_samples`` samples (and what all prompts share once per batch), each
     sequence stopped at EOS, with ``stop_format`` once its answer in that format closes, or at the first of
-    ``stop_strings`` (cut off). A batch decodes until its longest row stops, so rows still going after
-    ``CONTINUE_AFTER`` tokens are set aside and continued together at the end: one long tail instead of one per
-    batch (same greedy tokens; a test checks it).
+    ``stop_strings`` (cut off). Rows leave their batch as they end, so a batch's last few long rows would decode
+    a handful at a time (a decode step costs nearly as much for 1 row as for 16): rows still going after
+    ``CONTINUE_AFTER`` tokens are set aside and continued together in full batches at the end (same greedy tokens;
+    a test checks it).
 
     Returns, per prompt and in input order, ``num_samples`` dicts ``{"text", "tokens", "truncated"}``.
     ``temperature=0`` is greedy. ``progress`` (optional) is called with ``(n_prompts_done, n_new_tokens)``.

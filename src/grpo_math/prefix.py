@@ -1,12 +1,13 @@
 """The fast GRPO step, plugged into TRL's ``GRPOTrainer``: ``PrefixSharing`` routes TRL's transformers rollouts
-through ``rollouts.generate_grouped`` (prompt once per group, stop at the answer, a bf16 sampler) and its text-only
+through ``rollouts.generate_grouped`` (prompt once per group, finished rows dropped, stop at the answer, a bf16
+sampler) and its text-only
 log-prob forwards through ``packing.packed_logps``, and corrects the rollouts another precision sampled.
 
 Off-policy rollouts: where the loss forward runs in mixed precision (``bf16``/``fp16``), the sampler (the bf16
-copy of ``bf16_rollouts``, or the fp32 weights) is not the policy being trained. ``rollouts.SampledLogps`` keeps
+copy of ``bf16_rollouts``, or the fp32 weights) is not the policy being trained. ``rollouts.Sampler`` keeps
 each sampled token's log-prob, and ``PrefixSharing`` hands them to TRL, which applies its truncated
 importance-sampling correction (``vllm_importance_sampling_*``, as for vLLM) and logs the mismatch
-(``sampling/sampling_logp_difference/*``). The EOS that ``rollouts.cut`` appends after a stopped answer was never
+(``sampling/sampling_logp_difference/*``). The EOS that ``generate_grouped`` appends after a closed answer was never
 sampled: it stays in the completion (TRL counts the row as terminated) but out of the loss. pyproject pins the TRL
 minor release these overrides were written for; tests check they run in a real step.
 """
@@ -20,7 +21,7 @@ import torch
 
 from . import UserError
 from .packing import MASKED_ATTENTION, packed_logps, sliding_window
-from .rollouts import generate_grouped
+from .rollouts import decodable, generate_grouped
 
 
 class PrefixSharing:
@@ -45,13 +46,14 @@ class PrefixSharing:
     def _corrects_sampler(self) -> bool:
         """Whether the rollouts need TRL's importance-sampling correction: the loss forward runs in mixed precision,
         so the sampler is another numerical policy; ``vllm_importance_sampling_correction`` (TRL's flag) on; this
-        module generates (no vLLM, continuous batching or tools); and the sampling distribution is temperature
-        only (``SampledLogps`` is exact there)."""
+        module generates (no vLLM, continuous batching or tools, a config ``generate_grouped`` takes); and the
+        sampling distribution is temperature only (TRL's policy log-probs know nothing of top-p / top-k / min-p)."""
         args, config = self.args, self.generation_config
         return bool(
             (args.bf16 or args.fp16)
             and args.vllm_importance_sampling_correction
             and not (args.use_vllm or self.use_transformers_continuous_batching or self.tools or self.rollout_func)
+            and decodable(config)
             and config.do_sample
             and config.top_p in (None, 1.0)
             and not config.top_k
@@ -65,6 +67,7 @@ class PrefixSharing:
             or images
             or multimodal_fields
             or self.tools
+            or not decodable(self.generation_config)
         ):
             if self.sampler_correction:
                 raise UserError("images need TRL's rollouts: set --vllm_importance_sampling_correction false")
@@ -101,8 +104,8 @@ class PrefixSharing:
         return ids, logps
 
     def _generate(self, prompts):
-        """TRL's ``_generate``, with an EOS that ``cut`` appended (NaN sampler log-prob) kept out of the loss by TRL's
-        token mask for tokens the policy did not sample (``tool_mask``)."""
+        """TRL's ``_generate``, with an EOS appended after a closed answer (NaN sampler log-prob) kept out of the loss
+        by TRL's token mask for tokens the policy did not sample (``tool_mask``)."""
         prompt_ids, completion_ids, tool_mask, *rest = super()._generate(prompts)
         logps = rest[1]
         if tool_mask is None and logps is not None and not self.args.use_vllm:

@@ -1,29 +1,29 @@
-"""Rollouts: each prompt prefilled once per group of samples, rows that stop once their answer closes, and the
+"""Rollouts: each prompt prefilled once per group of samples, a decode loop that drops rows as they end, and the
 sampler's log-probs.
 
 GRPO samples ``G`` completions of each prompt; TRL's transformers path feeds the prompt ``G`` times to ``generate``.
 ``generate_grouped`` prefills the prefix every prompt shares (few-shot examples, a system prompt) once, then each
-distinct prompt once, repeats the KV cache for the rows and decodes them together: the same tokens as plain
-``generate`` (a test compares them). ``AnswerStop`` ends a row once its answer marker closes
-(``answers.answer_closed``), and ``cut`` gives it EOS there, so the batch ends when every row has answered, hit
-EOS or the limit. ``SampledLogps`` keeps each sampled token's log-prob for TRL's importance-sampling correction
-(``prefix.PrefixSharing``); the EOS ``cut`` appends was never sampled and gets NaN. ``models.generate`` (eval,
-``filter``, ``rft``) decodes through the same function.
+distinct prompt once, repeats the KV cache for the rows and decodes them together: greedy, the same tokens as plain
+``generate`` (a test compares them). A row leaves the batch as soon as it ends: at EOS, at a stop string, or once
+its answer closes (``AnswerStop``, then EOS is appended), so no step is spent on finished rows. ``Sampler`` draws
+with transformers' warpers and keeps each drawn token's log-prob for TRL's importance-sampling correction
+(``prefix.PrefixSharing``); the EOS appended after an answer was never sampled and gets NaN. ``models.generate``
+(eval, ``filter``, ``rft``) decodes through the same function. Where a generation config asks for more than this
+loop does (``decodable``), TRL's own ``generate`` path runs.
 
 >>> runs([[1, 2], [1, 2], [3], [1, 2]])
 [(0, 2), (2, 3), (3, 4)]
->>> cut([5, 6, 2, 2], eos_token_ids=[2], stop_length=None), cut([5, 6, 7, 2], eos_token_ids=[2], stop_length=2)
-([5, 6, 2], [5, 6, 2])
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache
 
 from .answers import answer_closed
 
@@ -39,79 +39,137 @@ def runs(rows: Sequence) -> list[tuple[int, int]]:
     return spans
 
 
-def cut(tokens: list[int], eos_token_ids: Sequence[int], stop_length: int | None) -> list[int]:
-    """A generated row up to its first EOS (kept, as TRL keeps it), or up to where ``AnswerStop`` ended it, then
-    EOS: the row ends as if the model had closed it, so TRL counts it as terminated (not clipped) and the policy
-    learns to stop after its answer (at the cost of that one token not being sampled)."""
-    end = len(tokens) if stop_length is None else min(stop_length, len(tokens))
-    for i, token in enumerate(tokens[:end]):
-        if token in eos_token_ids:
-            return tokens[: i + 1]
-    return tokens[:end] + ([eos_token_ids[0]] if stop_length is not None else [])
+class AnswerStop:
+    """Whether a completion (token ids) is done: ``"answer"`` once it holds a closed answer in ``answer_format``
+    (``answers.answer_closed``), ``"string"`` once it holds one of ``stop_strings``, else ``None``.
 
-
-class AnswerStop(StoppingCriteria):
-    """Ends a row of ``generate`` once its completion holds a closed answer in ``answer_format``.
-
-    ``stopped[row]`` is then the completion's length in tokens, the closing token included. Only a row whose new
-    token could close a marker (one holding ``>``, ``}`` or a newline: a table built once per tokenizer) is decoded,
-    so a step costs one small lookup on the device.
+    Only a completion whose last token could close one (its text holds ``>``, ``}`` or a newline for the answer, a
+    stop string's last character for the strings: a table built once per tokenizer) is decoded, so most tokens cost
+    one list lookup.
     """
 
     TRIGGERS = {"tags": ">", "boxed": "}", "hash": "\n"}
 
-    def __init__(
-        self, tokenizer, answer_format: str, prompt_length: int, ended_ids: Sequence[int], already: Sequence[int] = ()
-    ):
-        self.tokenizer, self.answer_format, self.start = tokenizer, answer_format, prompt_length
-        self.triggers, self.ended = _trigger_tokens(tokenizer, self.TRIGGERS[answer_format]), set(ended_ids)
-        self.already = list(already)  # per row: completion tokens the prompt already ends with (a continued row)
-        self.stopped: dict[int, int] = {}
+    def __init__(self, tokenizer, answer_format: str | None = None, stop_strings: Sequence[str] = ()):
+        self.tokenizer, self.answer_format, self.stop_strings = tokenizer, answer_format, tuple(stop_strings)
+        chars = (self.TRIGGERS[answer_format] if answer_format else "") + "".join(s[-1] for s in self.stop_strings)
+        self.triggers = _trigger_tokens(tokenizer, "".join(sorted(set(chars))))
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        last = input_ids[:, -1]
-        table = self.triggers = self.triggers.to(last.device)
-        known = last < table.shape[0]  # a model's vocabulary can be larger than its tokenizer's
-        for row in (known & table[last.clamp(max=table.shape[0] - 1)]).nonzero().flatten().tolist():
-            if row not in self.stopped and int(last[row]) not in self.ended:
-                begin = self.start - (self.already[row] if self.already else 0)
-                text = self.tokenizer.decode(input_ids[row, begin:].tolist(), skip_special_tokens=True)
-                if answer_closed(text, self.answer_format):
-                    self.stopped[row] = input_ids.shape[1] - self.start
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done[list(self.stopped)] = True
-        return done
+    def __call__(self, tokens: Sequence[int]) -> str | None:
+        if not tokens or tokens[-1] >= len(self.triggers) or not self.triggers[tokens[-1]]:
+            return None  # a model's vocabulary can be larger than its tokenizer's
+        if self.answer_format:
+            if answer_closed(self.tokenizer.decode(tokens, skip_special_tokens=True), self.answer_format):
+                return "answer"
+        if self.stop_strings:
+            text = self.tokenizer.decode(tokens)
+            if any(s in text for s in self.stop_strings):
+                return "string"
+        return None
 
 
 @functools.lru_cache(maxsize=8)
-def _trigger_tokens(tokenizer, trigger: str) -> torch.Tensor:
-    """Which token ids decode to text holding ``trigger``."""
-    return torch.tensor([trigger in piece for piece in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])])
+def _trigger_tokens(tokenizer, chars: str) -> list[bool]:
+    """Per token id: whether its text holds one of ``chars``."""
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [any(c in piece for c in chars) for piece in pieces]
 
 
-class SampledLogps(LogitsProcessor):
-    """Records each sampled token's log-prob under the distribution it was drawn from: ``log_softmax(logits / T)``
-    (custom processors run before ``generate``'s temperature warper, so it divides by ``temperature`` itself; exact
-    without top-p / top-k / min-p truncation, which ``PrefixSharing`` checks). Keeps one step's log-probs: O(rows x
-    vocabulary) memory, where ``output_scores`` keeps every step's."""
+HANDLED = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "pad_token_id", "bos_token_id"}
+HANDLED |= {"eos_token_id", "stop_strings", "disable_compile", "transformers_version"}
 
-    def __init__(self, temperature: float):
-        self.temperature, self.previous, self.steps = temperature, None, []
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._take(input_ids)
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
+def decodable(config) -> bool:
+    """Whether ``generate_grouped`` honours every setting of a ``GenerationConfig``: sampling with temperature,
+    top-k, top-p and min-p (transformers' own warpers), greedy, EOS ids and stop strings, a dynamic cache. Anything
+    else (beams, repetition penalty, suppressed tokens...) is left to ``generate`` (TRL's own rollouts).
 
-    def _take(self, input_ids: torch.Tensor) -> None:
-        if self.previous is not None:  # the token just appended was drawn from the previous step's distribution
-            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-            self.previous = None
+    >>> from transformers import GenerationConfig
+    >>> decodable(GenerationConfig(do_sample=True, top_p=0.9)), decodable(GenerationConfig(repetition_penalty=1.1))
+    (True, False)
+    """
+    diff = config.to_diff_dict()
+    plain = config.repetition_penalty in (None, 1.0) and config.cache_implementation in (None, "dynamic")
+    return plain and not set(diff) - HANDLED - {"repetition_penalty", "cache_implementation"}
 
-    def result(self, sequences: torch.Tensor) -> torch.Tensor:
-        """(rows, generated tokens) log-probs, once ``generate`` has returned ``sequences``."""
-        self._take(sequences)
-        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((len(sequences), 0), dtype=float)
+
+class Sampler:
+    """Picks each row's next token from its last logits as ``generate`` would: the argmax (greedy), or a draw from
+    ``softmax`` after transformers' temperature, top-k, top-p and min-p warpers, built from ``config`` as
+    ``generate`` builds them. A draw is ``argmax(p / E)`` with ``E ~ Exp(1)`` per token (the exponential race, as
+    vLLM samples): the same distribution as ``torch.multinomial``, which on a CPU costs a sixth of a decode step."""
+
+    def __init__(self, config):
+        from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.sample, self.warpers = bool(config.do_sample), []
+        if self.sample:
+            if config.temperature is not None and config.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(config.temperature))
+            if config.top_k:
+                self.warpers.append(TopKLogitsWarper(top_k=config.top_k))
+            if config.top_p is not None and config.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p=config.top_p))
+            if config.min_p is not None:
+                self.warpers.append(MinPLogitsWarper(min_p=config.min_p))
+
+    def __call__(self, logits: torch.Tensor, with_logps: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(tokens, log-probs)``: each row's next token and (``with_logps``) its log-prob under the distribution it
+        was drawn from (greedy: ``log_softmax`` of the logits)."""
+        scores = logits.float()
+        for warper in self.warpers:
+            scores = warper(None, scores)
+        if not self.sample:
+            tokens = scores.argmax(dim=-1)
+            return tokens, torch.log_softmax(scores, dim=-1).gather(1, tokens[:, None]).squeeze(
+                1
+            ) if with_logps else None
+        logps = torch.log_softmax(scores, dim=-1)
+        race = torch.rand_like(logps).clamp_(min=torch.finfo(logps.dtype).tiny).log_().neg_()  # E = -log U ~ Exp(1)
+        tokens = logps.exp().div_(race).argmax(dim=-1)
+        return tokens, logps.gather(1, tokens[:, None]).squeeze(1)
+
+
+@contextlib.contextmanager
+def packed_linears(model, rows: int):
+    """While open, each ``nn.Linear`` of a bf16 model on a CPU multiplies through oneDNN with its weight reordered
+    once into oneDNN's blocked layout, which a plain bf16 ``F.linear`` rebuilds at every call: the same numbers (a
+    test compares logits exactly), measured 1.1-1.3x per decode step on the learning recipe's model (README).
+    ``rows`` hints the batch the layout is chosen for. Elsewhere (fp32, a GPU, a CPU without oneDNN bf16:
+    ``onednn_bf16``) nothing changes."""
+    linears = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear
+        and m.weight.dtype == torch.bfloat16
+        and m.weight.device.type == "cpu"
+        and "forward" not in m.__dict__
+    ]
+    if not (linears and onednn_bf16()):
+        yield
+        return
+    for m in linears:
+        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+        m.forward = functools.partial(_packed_linear, packed, m.weight, m.bias)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
+def onednn_bf16() -> bool:
+    """Whether this CPU runs oneDNN's bf16 kernels (AVX512-BF16/AMX, or AVX512BW emulation; not AVX2 alone)."""
+    ops = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise") and ops._is_mkldnn_bf16_supported()
+    )
+
+
+def _packed_linear(packed: torch.Tensor, weight: torch.Tensor, bias, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != packed.dtype or torch.is_grad_enabled():
+        return torch.nn.functional.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _cache_keyword(model) -> str:
@@ -171,23 +229,82 @@ def generate_grouped(
     already: Sequence[int] = (),
     sampler_logps: bool = False,
 ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
-    """Completion token ids for each prompt row (token ids), in order; with ``sampler_logps``, also each token's
-    log-prob under the sampler (``SampledLogps``), NaN for an EOS that ``cut`` appended (never sampled).
+    """Completion token ids for each prompt row, in order, ending with EOS where the row ended; with
+    ``sampler_logps``, also each token's log-prob under the sampler (``Sampler``), NaN for an EOS appended after a
+    closed answer (never sampled).
 
     With ``share_prompt``, the tokens every row begins with (``common_prefix``: few-shot examples, a system
     prompt) are prefilled once for the batch, then each group of equal prompts next to each other once more, up to
-    its last token; the KV cache is repeated for the rows and ``generate`` continues from it. ``stop`` is
-    ``(tokenizer, answer_format)`` to end each row at its closed answer (``AnswerStop``); ``tokenizer`` goes to
-    ``generate``, which needs it for ``generation_config.stop_strings``. ``already`` (per row): how many of the
-    prompt's last tokens are completion already (a row continued after a first round), for the answer check.
+    its last token; the KV cache is repeated for the rows. Then one decode step at a time for the rows still going:
+    a row leaves the batch (and its cache) as soon as it ends at an EOS, at ``generation_config.stop_strings``
+    (needs ``tokenizer``) or, with ``stop = (tokenizer, answer_format)``, once its answer closes (``AnswerStop``;
+    then EOS is appended, so TRL counts it as terminated and the policy learns to stop after its answer).
+    ``already`` (per row): how many of the prompt's last tokens are completion already (a row continued after a
+    first round), for the answer check. Greedy rows get ``generate``'s tokens (a test compares them); the settings
+    it takes are ``decodable``'s.
     """
+    if not decodable(generation_config):
+        raise ValueError(f"generate_grouped cannot honour {generation_config.to_diff_dict()}: use generate")
     rows = [list(p) for p in prompts]
+    strings = generation_config.stop_strings or ()
+    strings = [strings] if isinstance(strings, str) else list(strings)
+    stopper = AnswerStop(*(stop or (tokenizer, None)), strings) if stop or strings else None
+    ends, sampler = set(eos_token_ids), Sampler(generation_config)
+    heads = [row[len(row) - already[r] :] if already and already[r] else [] for r, row in enumerate(rows)]
+    tokens: list[list[int]] = [[] for _ in rows]
+    logps: list[list[float]] = [[] for _ in rows]
+    active = list(range(len(rows)))
+    with packed_linears(model, len(rows)):
+        ids, mask, cache, cached = _prefill_grouped(model, rows, pad_token_id, share_prompt)
+        step_ids, positions = ids[:, cached:], (mask.cumsum(-1) - 1).clamp(min=0)
+        step_positions, following = positions[:, cached:], positions[:, -1] + 1
+        for step in range(generation_config.max_new_tokens):
+            logits = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{_cache_keyword(model): cache},
+            ).logits[:, -1]
+            picked, picked_logps = sampler(logits, sampler_logps)
+            keep = []
+            for i, (r, token) in enumerate(zip(active, picked.tolist())):
+                tokens[r].append(token)
+                if token in ends:
+                    continue
+                why = stopper(heads[r] + tokens[r]) if stopper else None
+                if why == "answer":
+                    tokens[r].append(eos_token_ids[0])
+                elif why is None:
+                    keep.append(i)
+            if sampler_logps:
+                for r, lp in zip(active, picked_logps.tolist()):
+                    logps[r].append(lp)
+                    if len(tokens[r]) > len(logps[r]):
+                        logps[r].append(float("nan"))  # the EOS appended after a closed answer
+            if not keep or step + 1 == generation_config.max_new_tokens:
+                break
+            if len(keep) < len(active):  # finished rows leave the batch and the cache
+                index = torch.tensor(keep, device=ids.device)
+                cache.batch_select_indices(index)
+                mask, picked, following = mask[index], picked[index], following[index]
+                active = [active[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            step_ids, step_positions, following = picked[:, None], following[:, None], following + 1
+    return (tokens, logps) if sampler_logps else tokens
+
+
+def _prefill_grouped(model, rows: list[list[int]], pad_token_id: int, share_prompt: bool):
+    """``(ids, mask, cache, cached)``: the rows padded (``pad_rows``), and a KV cache holding their first ``cached``
+    columns: the prefix every row shares prefilled once, then each group of equal rows once up to its last token
+    (with ``share_prompt``; else an empty cache)."""
     shared = common_prefix(rows) if share_prompt and len(rows) > 1 else 0
     ids, mask = pad_rows(rows, pad_token_id, model.device, shared)
-    groups, cache, kwargs = runs(rows) if share_prompt else [(i, i + 1) for i in range(len(rows))], None, {}
+    groups, cache, cached = runs(rows) if share_prompt else [(i, i + 1) for i in range(len(rows))], None, 0
     select = torch.tensor  # cache rows to keep, by index
     if shared:
-        cache = DynamicCache(config=model.config)
+        cache, cached = DynamicCache(config=model.config), shared
         _prefill(model, cache, ids, mask, [0], 0, shared)
     if len(groups) < len(rows) and ids.shape[1] - 1 > shared:
         cache = cache or DynamicCache(config=model.config)
@@ -196,30 +313,7 @@ def generate_grouped(
         _prefill(model, cache, ids, mask, [start for start, _ in groups], shared, ids.shape[1] - 1)
         repeat = [g for g, (start, end) in enumerate(groups) for _ in range(start, end)]
         cache.batch_select_indices(select(repeat, device=ids.device))
+        cached = ids.shape[1] - 1
     elif shared:
         cache.batch_select_indices(select([0] * len(rows), device=ids.device))
-    if cache is not None:
-        kwargs[_cache_keyword(model)] = cache
-    criterion = None
-    if tokenizer is not None:
-        kwargs["tokenizer"] = tokenizer
-    if stop is not None:
-        criterion = AnswerStop(stop[0], stop[1], ids.shape[1], [*eos_token_ids, pad_token_id], already)
-        kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
-    recorder = None
-    if sampler_logps:
-        recorder = SampledLogps(generation_config.temperature if generation_config.do_sample else 1.0)
-        kwargs["logits_processor"] = LogitsProcessorList([recorder])
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, **kwargs)
-    stopped = criterion.stopped if criterion else {}
-    generated = out[:, ids.shape[1] :].tolist()
-    rows = [cut(row, eos_token_ids, stopped.get(i)) for i, row in enumerate(generated)]
-    if recorder is None:
-        return rows
-    logps = recorder.result(out).tolist()
-    forced = [
-        stopped.get(i) is not None and len(row) > min(stopped[i], len(generated[i])) for i, row in enumerate(rows)
-    ]
-    return rows, [
-        lp[: len(row) - 1] + [float("nan")] if f else lp[: len(row)] for lp, row, f in zip(logps, rows, forced)
-    ]
+    return ids, mask, cache or DynamicCache(config=model.config), cached

@@ -103,13 +103,33 @@ def yaml_error(err, path: str = "recipe") -> str:
 
 
 def versions() -> dict:
-    """Versions of Python, grpo-math, torch, transformers and TRL (written into run_info.json and results.json)."""
+    """Versions of Python, grpo-math, torch, transformers and TRL, and the git commit of grpo-math's source
+    (``+dirty`` with uncommitted changes; None outside a checkout): written into run_info.json and results.json."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": sys.version.split()[0], "grpo_math": __version__}
+    out = {"python": sys.version.split()[0], "grpo_math": __version__, "grpo_math_git": source_commit()}
     for package in ("torch", "transformers", "trl"):
         try:
             out[package] = version(package)
         except PackageNotFoundError:
             out[package] = None
     return out
+
+
+def source_commit(folder: Path | None = None) -> str | None:
+    """``git describe --always --dirty`` of the checkout this package (or ``folder``) was imported from, or None:
+    not in a git checkout, the file not tracked there (a virtualenv inside some other repository), or no git."""
+    import subprocess
+
+    folder = folder or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", "__init__.py") is None:
+        return None
+    return git("describe", "--always", "--dirty=+dirty", "--abbrev=12") or None
