@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import GSM8K_DIR, ROOT
+from common import GSM8K_DIR, ROOT, cpu
 
 BEFORE = "920516c"  # the last revision whose rollouts decoded through transformers' generate
 
@@ -54,9 +54,10 @@ def main() -> int:
     model, tokenizer, _ = load_model(args.model, args.dtype)
     model.eval()
     params = sum(p.numel() for p in model.parameters())
+    name, flags = cpu()
     print(
-        f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, native bf16 "
-        f"{cpu_has_bf16()}; model {args.model} ({params / 1e6:.0f}M parameters, {model.dtype}); "
+        f"CPU: {name} ({' '.join(flags)}), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"native bf16 {cpu_has_bf16()}; model {args.model} ({params / 1e6:.0f}M parameters, {model.dtype}); "
         f"before = {args.before}, after = working tree"
     )
     bandwidth, peak = measure_machine(model.dtype)
@@ -177,13 +178,6 @@ def measure_machine(dtype) -> tuple[float, float]:
         a @ b
         matmul = min(matmul, time.perf_counter() - start)
     return big.numel() * 4 / read, 2 * 2048**3 / matmul
-
-
-def cpu_name() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    return f"{name} ({' '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags)})"
 
 
 if __name__ == "__main__":

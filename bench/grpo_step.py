@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-from common import ROOT
+from common import ROOT, cpu
 
 PATHS = ("trl-fp32", "trl-bf16", "grpo-math")
 RECIPE = ROOT / "recipes" / "smoke.yaml"
@@ -84,14 +82,6 @@ def main() -> int:
         print(f"{path}: {results[path]['seconds_per_step']:.1f} s/step", file=sys.stderr)
     print(table(results, args))
     return 0
-
-
-def cpu() -> tuple[str, list[str]]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return model or platform.processor(), [f for f in wanted if f in flags]
 
 
 def table(results: dict, args) -> str:

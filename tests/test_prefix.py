@@ -21,9 +21,9 @@ from grpo_math.prefix import PrefixSharing
 from grpo_math.rollouts import AnswerStop, Sampler, decodable, generate_grouped, pad_rows
 
 
-def small_llama(vocab: int = 300, layers: int = 2, std: float | None = None) -> LlamaForCausalLM:
+def small_llama(vocab: int = 300, layers: int = 2, std: float | None = None, **extra) -> LlamaForCausalLM:
     """A random two-layer Llama; ``std`` re-draws its matrices wider, so greedy decoding varies from token to token
-    (at the default scale it repeats one token)."""
+    (at the default scale it repeats one token); ``extra``: more config fields."""
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=64,
@@ -35,6 +35,7 @@ def small_llama(vocab: int = 300, layers: int = 2, std: float | None = None) -> 
         tie_word_embeddings=True,
         pad_token_id=2,
         eos_token_id=2,
+        **extra,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -499,7 +500,11 @@ def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(onedn
     if onednn and not rollouts.onednn_bf16():
         pytest.skip("this CPU has no oneDNN bf16 kernels (AVX2 alone): the packed branch cannot run here")
     monkeypatch.setattr(rollouts, "onednn_bf16", lambda: onednn)
-    model = small_llama(std=0.3).to(torch.bfloat16).eval()
+    model = small_llama(std=0.3, attention_bias=True)  # biases, as Qwen2's q/k/v have
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p.data)
+    model = model.to(torch.bfloat16).eval()
     ids = torch.randint(3, 300, (3, 9))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
