@@ -257,6 +257,7 @@ def generate_grouped(
     active = list(range(len(rows)))
     with packed_linears(model, len(rows)):
         ids, mask, cache, cached = _prefill_grouped(model, rows, pad_token_id, share_prompt)
+        cache_keyword = _cache_keyword(model)
         step_ids, positions = ids[:, cached:], (mask.cumsum(-1) - 1).clamp(min=0)
         step_positions, following = positions[:, cached:], positions[:, -1] + 1
         for step in range(generation_config.max_new_tokens):
@@ -266,7 +267,7 @@ def generate_grouped(
                 position_ids=step_positions,
                 use_cache=True,
                 logits_to_keep=1,
-                **{_cache_keyword(model): cache},
+                **{cache_keyword: cache},
             ).logits[:, -1]
             picked, picked_logps = sampler(logits, sampler_logps)
             keep = []
