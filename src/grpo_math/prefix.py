@@ -1,7 +1,7 @@
 """The fast GRPO step, plugged into TRL's ``GRPOTrainer``: ``PrefixSharing`` routes TRL's transformers rollouts
 through ``rollouts.generate_grouped`` (prompt once per group, finished rows dropped, stop at the answer, a bf16
-sampler) and its text-only
-log-prob forwards through ``packing.packed_logps``, and corrects the rollouts another precision sampled.
+sampler) and its text-only log-prob forwards through ``packing.packed_logps``, and corrects the rollouts another
+precision sampled.
 
 Off-policy rollouts: where the loss forward runs in mixed precision (``bf16``/``fp16``), the sampler (the bf16
 copy of ``bf16_rollouts``, or the fp32 weights) is not the policy being trained. ``rollouts.Sampler`` keeps
