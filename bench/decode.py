@@ -106,25 +106,28 @@ def load_revision(revision: str):
     return module
 
 
-def prompts_of(recipe: str, tokenizer, dataset: str | None, split: str, limit: int) -> list[list[int]]:
+def messages_of(recipe: str, dataset: str | None, split: str, limit: int, seed: int | None = None):
+    """``(answer_format, chat messages)`` of ``limit`` problems of ``dataset`` (default: the recipe's) asked with the
+    recipe's prompt."""
     from grpo_math.data import build_prompt, load_problems
-    from grpo_math.models import apply_template
     from grpo_math.prompts import PromptSettings
     from grpo_math.runfiles import read_config
 
     prompt = PromptSettings.load(recipe, None)
-    problems = load_problems(dataset or read_config(recipe)["dataset_name"], split, limit=limit, seed=0)
-    messages = [build_prompt(p.question, prompt.answer_format, prompt.system_prompt) for p in problems]
-    return [tokenizer(apply_template(tokenizer, m), add_special_tokens=False).input_ids for m in messages]
+    problems = load_problems(dataset or read_config(recipe)["dataset_name"], split, limit=limit, seed=seed)
+    return prompt.answer_format, [
+        build_prompt(p.question, prompt.answer_format, prompt.system_prompt) for p in problems
+    ]
 
 
 def rollout_run(module, model, tokenizer, args) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    from grpo_math.models import eos_token_ids
+    from grpo_math.models import apply_template, eos_token_ids
 
-    problems = prompts_of(args.recipe, tokenizer, None, "train", 2 * args.batches)
+    _, messages = messages_of(args.recipe, None, "train", 2 * args.batches, seed=0)
+    problems = [tokenizer(apply_template(tokenizer, m), add_special_tokens=False).input_ids for m in messages]
     ends = eos_token_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=64, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id,
@@ -144,50 +147,38 @@ def rollout_run(module, model, tokenizer, args) -> dict:
     return {"seconds": seconds, "tokens": tokens, "completions": completions, "rows": 16}
 
 
-def eval_run(module, model, tokenizer, args) -> dict:
-    from grpo_math import models, rollouts
-    from grpo_math.data import build_prompt, load_problems
-    from grpo_math.prompts import PromptSettings
+def timed_generate(module, model, tokenizer, messages, answer_format: str, **settings) -> dict:
+    """``models.generate`` (eval's scheduler) decoding through ``module``'s ``generate_grouped``: seconds, tokens
+    and each completion's ``(text, tokens)``."""
+    import torch
 
-    data = GSM8K_DIR if (GSM8K_DIR / "test.jsonl").is_file() else ROOT / "tests" / "fixtures" / "gsm8k"
-    prompt = PromptSettings.load(args.recipe, None)
-    problems = load_problems(str(data), "test", limit=args.eval_problems)
-    messages = [build_prompt(p.question, prompt.answer_format, prompt.system_prompt) for p in problems]
-    saved = rollouts.generate_grouped
-    rollouts.generate_grouped = module.generate_grouped  # models.generate imports it at each call
+    from grpo_math import models, rollouts
+
+    saved, rollouts.generate_grouped = rollouts.generate_grouped, module.generate_grouped  # imported at each call
     try:
+        torch.manual_seed(0)
         start = time.perf_counter()
-        out = models.generate(model, tokenizer, messages, 256, batch_size=64, stop_format=prompt.answer_format)
+        out = models.generate(model, tokenizer, messages, stop_format=answer_format, **settings)
         seconds = time.perf_counter() - start
     finally:
         rollouts.generate_grouped = saved
     outputs = [[(c["text"], c["tokens"]) for c in o] for o in out]
-    tokens = sum(c["tokens"] for o in out for c in o)
-    return {"seconds": seconds, "tokens": tokens, "outputs": outputs, "rows": 64}
+    return {"seconds": seconds, "tokens": sum(n for o in outputs for _, n in o), "outputs": outputs, "rows": 64}
+
+
+def eval_run(module, model, tokenizer, args) -> dict:
+    """Greedy, 256 tokens, batch 64, on GSM8K test problems with the recipe's prompt."""
+    data = GSM8K_DIR if (GSM8K_DIR / "test.jsonl").is_file() else ROOT / "tests" / "fixtures" / "gsm8k"
+    answer_format, messages = messages_of(args.recipe, str(data), "test", args.eval_problems)
+    return timed_generate(module, model, tokenizer, messages, answer_format, max_new_tokens=256, batch_size=64)
 
 
 def sampled_run(module, model, tokenizer, args) -> dict:
     """``eval --samples 8 --temperature 1.0 --max_new_tokens 64 --batch_size 64`` on 8 held-out problems of the
     learning recipe's task (64 rows), the evaluation the issue measured at 28 tokens/s on an AVX2-only EPYC."""
-    import torch
-
-    from grpo_math import models, rollouts
-    from grpo_math.data import build_prompt, load_problems
-    from grpo_math.prompts import PromptSettings
-    from grpo_math.runfiles import read_config
-
-    prompt = PromptSettings.load(args.recipe, None)
-    problems = load_problems(read_config(args.recipe)["dataset_name"], "test", limit=8)
-    messages = [build_prompt(p.question, prompt.answer_format, prompt.system_prompt) for p in problems]
-    saved, rollouts.generate_grouped = rollouts.generate_grouped, module.generate_grouped
-    try:
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        out = models.generate(model, tokenizer, messages, 64, 1.0, 8, 64, stop_format=prompt.answer_format)
-        seconds = time.perf_counter() - start
-    finally:
-        rollouts.generate_grouped = saved
-    return {"seconds": seconds, "tokens": sum(c["tokens"] for o in out for c in o), "rows": 64}
+    answer_format, messages = messages_of(args.recipe, None, "test", 8)
+    settings = {"max_new_tokens": 64, "temperature": 1.0, "num_samples": 8, "batch_size": 64}
+    return timed_generate(module, model, tokenizer, messages, answer_format, **settings)
 
 
 def measure_machine(dtype) -> tuple[float, float]:

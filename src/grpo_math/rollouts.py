@@ -76,7 +76,8 @@ def _trigger_tokens(tokenizer, chars: str) -> list[bool]:
 
 
 HANDLED = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "pad_token_id", "bos_token_id"}
-HANDLED |= {"eos_token_id", "stop_strings", "disable_compile", "transformers_version"}
+HANDLED |= {"eos_token_id", "stop_strings", "disable_compile", "transformers_version", "repetition_penalty"}
+HANDLED |= {"cache_implementation"}  # these two only at their neutral values, which decodable checks
 
 
 def decodable(config) -> bool:
@@ -90,7 +91,7 @@ def decodable(config) -> bool:
     """
     diff = config.to_diff_dict()
     plain = config.repetition_penalty in (None, 1.0) and config.cache_implementation in (None, "dynamic")
-    return plain and not set(diff) - HANDLED - {"repetition_penalty", "cache_implementation"}
+    return plain and not set(diff) - HANDLED
 
 
 class Sampler:
