@@ -334,7 +334,10 @@ def test_generate_cuts_text_at_a_stop_string(monkeypatch, embedded_model):
     reply = tokenizer("So 72.\n#### 72\n\nQuestion: Tom has", add_special_tokens=False).input_ids
     monkeypatch.setattr(rollouts, "generate_grouped", lambda model, ids, *a, **k: [reply + [tokenizer.eos_token_id]])
     [[done]] = models.generate(
-        SimpleNamespace(eval=lambda: None), tokenizer, ["Question: 1+1?\nAnswer:"], stop_strings=("Question:",)
+        SimpleNamespace(eval=lambda: None, modules=lambda: []),
+        tokenizer,
+        ["Question: 1+1?\nAnswer:"],
+        stop_strings=("Question:",),
     )
     assert done["text"] == "So 72.\n#### 72\n\n" and not done["truncated"]
 

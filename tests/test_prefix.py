@@ -23,19 +23,16 @@ from grpo_math.rollouts import AnswerStop, Sampler, decodable, generate_grouped,
 
 def small_llama(vocab: int = 300, layers: int = 2, std: float | None = None, **extra) -> LlamaForCausalLM:
     """A random two-layer Llama; ``std`` re-draws its matrices wider, so greedy decoding varies from token to token
-    (at the default scale it repeats one token); ``extra``: more config fields."""
+    (at the default scale it repeats one token); ``extra``: more config fields (or other widths)."""
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         pad_token_id=2,
         eos_token_id=2,
-        **extra,
+        **(sizes | extra),
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -158,7 +155,7 @@ def test_grouped_generation_gives_plain_generates_tokens(tokenizer, ends):
 
 
 def test_the_sampler_draws_from_the_warped_softmax():
-    """The exponential race draws each token with its softmax probability (20,000 draws, within 4 standard
+    """The sampler draws each token with its softmax probability (20,000 draws, within 4 standard
     errors), after the warpers: nothing outside top-k / top-p, temperature sharpening; greedy is the argmax."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20_000, 1)
     torch.manual_seed(0)
@@ -492,24 +489,32 @@ def test_answer_stop_on_a_continued_row_reads_what_the_first_round_wrote(tokeniz
 
 @pytest.mark.parametrize("onednn", [True, False])
 def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(onednn, monkeypatch):
-    """``packed_linears`` (oneDNN with the weights reordered once) computes what ``F.linear`` computes in bf16,
-    bit for bit, and afterwards the model's layers are plain ``nn.Linear`` again (training needs their gradients).
-    On a CPU without oneDNN's bf16 kernels (AVX2 alone) nothing is packed."""
+    """``packed_linears`` (oneDNN with the weights reordered once, q/k/v and gate/up as one product each) computes
+    what ``F.linear`` computes in bf16, bit for bit, at SmolLM2-135M's widths for a prefill and for decode steps of
+    1, 16 and 64 rows; it runs 4 products a layer (not 7) plus the head; afterwards the model's layers are plain
+    ``nn.Linear`` again (training needs their gradients). On a CPU without oneDNN's bf16 kernels (AVX2 alone)
+    nothing is packed."""
     from grpo_math import rollouts
 
     if onednn and not rollouts.onednn_bf16():
         pytest.skip("this CPU has no oneDNN bf16 kernels (AVX2 alone): the packed branch cannot run here")
     monkeypatch.setattr(rollouts, "onednn_bf16", lambda: onednn)
-    model = small_llama(std=0.3, attention_bias=True)  # biases, as Qwen2's q/k/v have
+    widths = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
+    model = small_llama(std=0.05, attention_bias=True, **widths)  # biases, as Qwen2's q/k/v have
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             torch.nn.init.normal_(p.data)
     model = model.to(torch.bfloat16).eval()
-    ids = torch.randint(3, 300, (3, 9))
-    with torch.no_grad():
-        plain = model(input_ids=ids).logits
-        with rollouts.packed_linears(model, 3):
-            assert ("forward" in model.model.layers[0].mlp.up_proj.__dict__) == onednn
-            packed = model(input_ids=ids).logits
-    assert torch.equal(plain, packed)
+    products, product = [], torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: products.append(1) or product(*a))
+    for rows, length in [(3, 9), (1, 1), (16, 1), (64, 1)]:
+        ids = torch.randint(3, 300, (rows, length))
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+            with rollouts.packed_linears(model, rows):
+                assert ("forward" in model.model.layers[0].mlp.up_proj.__dict__) == onednn
+                products.clear()
+                packed = model(input_ids=ids).logits
+        assert torch.equal(plain, packed), (rows, length)
+        assert len(products) == (4 * len(model.model.layers) + 1 if onednn else 0)
     assert not any("forward" in m.__dict__ for m in model.modules())

@@ -261,7 +261,7 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    from .rollouts import generate_grouped
+    from .rollouts import generate_grouped, packed_linears
 
     texts = [apply_template(tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
@@ -313,11 +313,12 @@ def generate(
                 progress(done, tokens)
 
     first = min(max_new_tokens, CONTINUE_AFTER)
-    run(list(range(len(rows))), first, max(1, batch_size // num_samples) * num_samples, first == max_new_tokens)
-    going = [r for r in range(len(rows)) if not ended[r] and len(generated[r]) < max_new_tokens]
-    going.sort(key=lambda r: len(rows[r][1]) + len(generated[r]), reverse=True)
-    if going:
-        run(going, max_new_tokens - first, batch_size, True)
+    with packed_linears(model, batch_size):  # once for every batch (the weights do not change here)
+        run(list(range(len(rows))), first, max(1, batch_size // num_samples) * num_samples, first == max_new_tokens)
+        going = [r for r in range(len(rows)) if not ended[r] and len(generated[r]) < max_new_tokens]
+        going.sort(key=lambda r: len(rows[r][1]) + len(generated[r]), reverse=True)
+        if going:
+            run(going, max_new_tokens - first, batch_size, True)
     results: list[list[dict]] = [[] for _ in texts]
     for r, (i, _) in enumerate(rows):
         text = decode(r)

@@ -97,9 +97,10 @@ def decodable(config) -> bool:
 class Sampler:
     """Picks each row's next token from its last logits as ``generate`` would: the argmax (greedy), or a draw from
     ``softmax`` after transformers' temperature, top-k, top-p and min-p warpers, built from ``config`` as
-    ``generate`` builds them. A draw is ``argmax(p / E)`` with ``E ~ Exp(1)`` per token (the exponential race, as
-    vLLM samples): the same distribution as ``torch.multinomial``, which took about 20 ms of a 16-row decode step
-    over a 49k vocabulary on the 2-core EPYC (README "Decoding")."""
+    ``generate`` builds them. A draw inverts each row's cumulative distribution at one uniform number (summed in
+    float64): the distribution of ``torch.multinomial``, which took about 20 ms of a 16-row decode step over a 49k
+    vocabulary on the 2-core EPYC, and of the exponential race (``argmax p / E``), whose uniform number per token
+    took 5.4 ms there; this takes 0.8 ms (README "Decoding")."""
 
     def __init__(self, config):
         from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -126,38 +127,83 @@ class Sampler:
             return tokens, torch.log_softmax(scores, dim=-1).gather(1, tokens[:, None]).squeeze(
                 1
             ) if with_logps else None
-        logps = torch.log_softmax(scores, dim=-1)
-        race = torch.rand_like(logps).clamp_(min=torch.finfo(logps.dtype).tiny).log_().neg_()  # E = -log U ~ Exp(1)
-        tokens = logps.exp().div_(race).argmax(dim=-1)
-        return tokens, logps.gather(1, tokens[:, None]).squeeze(1)
+        probs = torch.softmax(scores, dim=-1)
+        cdf = probs.double().cumsum_(dim=-1)  # in float64, so no token's share is lost to rounding
+        total = cdf[:, -1:]
+        u = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+        tokens = torch.searchsorted(cdf, u, right=True).squeeze(1)  # the first token whose cdf passes u: p > 0
+        return tokens, probs.gather(1, tokens[:, None]).squeeze(1).log()
+
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling projections of one input
 
 
 @contextlib.contextmanager
 def packed_linears(model, rows: int):
     """While open, each ``nn.Linear`` of a bf16 model on a CPU multiplies through oneDNN with its weight reordered
-    once into oneDNN's blocked layout, which a plain bf16 ``F.linear`` rebuilds at every call: the same numbers (a
-    test compares logits exactly), measured 1.1-1.3x a decode step of 1-64 rows of SmolLM2-135M (one thread).
-    ``rows`` hints the batch the layout is chosen for. Elsewhere (fp32, a GPU, a CPU without oneDNN bf16:
-    ``onednn_bf16``) nothing changes."""
-    linears = [
-        m
+    once into oneDNN's blocked layout, which a plain bf16 ``F.linear`` rebuilds at every call, and sibling
+    projections of one input (``FUSED``: attention's q/k/v, the MLP's gate/up) multiply as one matrix: whichever
+    is called first computes all of them and the others take their part. The same numbers (a test compares logits
+    exactly); a 16-row decode step's linears went from 787 to 551 us a layer of SmolLM2-135M (2 threads, README
+    "Decoding"). ``rows`` hints the batch the layout is chosen for. Elsewhere (fp32, a GPU, a CPU without oneDNN
+    bf16: ``onednn_bf16``) nothing changes; layers already packed by an enclosing ``packed_linears`` (evaluation
+    packs once for all its batches) are left as they are.
+
+    >>> model = torch.nn.Linear(4, 2)
+    >>> with packed_linears(model, 1):
+    ...     pass
+    >>> "forward" in model.__dict__
+    False
+    """
+    linears = {
+        id(m): m
         for m in model.modules()
         if type(m) is torch.nn.Linear
         and m.weight.dtype == torch.bfloat16
         and m.weight.device.type == "cpu"
         and "forward" not in m.__dict__
-    ]
+    }
     if not (linears and onednn_bf16()):
         yield
         return
-    for m in linears:
+    patched = []
+    for parent in model.modules():
+        for names in FUSED:
+            group = [getattr(parent, name, None) for name in names]
+            if all(id(m) in linears for m in group) and len({m.bias is None for m in group}) == 1:
+                _fuse(group, rows)
+                patched += [linears.pop(id(m)) for m in group]
+    for m in linears.values():
         packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
         m.forward = functools.partial(_packed_linear, packed, m.weight, m.bias)
+        patched.append(m)
     try:
         yield
     finally:
-        for m in linears:
+        for m in patched:
             del m.forward
+
+
+def _fuse(group: list, rows: int) -> None:
+    """Point each of ``group``'s ``forward`` at one oneDNN product of their stacked weights: the first call with an
+    input computes every member's output, the others (same input object) take theirs from it."""
+    weight = torch.cat([m.weight.detach() for m in group])
+    bias = None if group[0].bias is None else torch.cat([m.bias.detach() for m in group])
+    packed, sizes, kept = torch.ops.mkldnn._reorder_linear_weight(weight, rows), [m.out_features for m in group], {}
+
+    def forward(i: int, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != packed.dtype or torch.is_grad_enabled():
+            return torch.nn.functional.linear(x, group[i].weight, group[i].bias)
+        if kept.get("input") is not x or i not in kept["outputs"]:
+            outputs = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").split(sizes, dim=-1)
+            kept["input"], kept["outputs"] = x, dict(enumerate(outputs))
+        out = kept["outputs"].pop(i)
+        if not kept["outputs"]:
+            kept.clear()
+        return out
+
+    for i, m in enumerate(group):
+        m.forward = functools.partial(forward, i)
 
 
 def onednn_bf16() -> bool:
