@@ -154,6 +154,29 @@ def test_grouped_generation_gives_plain_generates_tokens(tokenizer, ends):
     assert a == b and len({tuple(r) for r in a}) > 3  # same samples, and they do differ within a group
 
 
+def test_decode_steps_without_padding_keep_the_packed_grouped_query_kernel(tokenizer, monkeypatch):
+    """Rows with no padding (one prompt, several samples): every one-token decode step still hands SDPA a mask
+    (``_step_mask``), so it packs each key/value head's queries together instead of ``enable_gqa``, the kernel
+    transformers picks for an all-ones mask (5x slower on a CPU in bf16); the tokens are ``generate``'s."""
+    model = small_llama(vocab=len(tokenizer), std=0.3).eval()  # 4 query heads on 2 key/value heads
+    prompts = [tokenizer("What is 2+3?").input_ids] * 3
+    greedy = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    ids = torch.tensor(prompts)
+    plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    spy = lambda q, k, v, attn_mask=None, **kw: (
+        calls.append((q.shape[2], attn_mask is None, kw))
+        or sdpa(  # noqa: E731
+            q, k, v, attn_mask=attn_mask, **kw
+        )
+    )
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    out = generate_grouped(model, prompts, greedy, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    assert out == plain[:, ids.shape[1] :].tolist()
+    steps = [(unmasked, kw) for length, unmasked, kw in calls if length == 2]  # 2 packed queries: a decode step
+    assert len(steps) == 2 * 12 and not any(unmasked or kw.get("enable_gqa") for unmasked, kw in steps)
+
+
 def test_the_sampler_draws_from_the_warped_softmax():
     """The sampler draws each token with its softmax probability (20,000 draws, within 4 standard
     errors), after the warpers: nothing outside top-k / top-p, temperature sharpening; greedy is the argmax."""
