@@ -351,7 +351,7 @@ def _step_mask(model, cache):
     mask, and SDPA then runs grouped-query attention with ``enable_gqa``, which on a CPU took 1.5 ms a layer for
     16 rows of SmolLM2-135M in bf16 against 0.3 ms for the kernel a mask selects (the key/value heads' queries
     packed together, as whenever a row is padded). Elsewhere the 2D mask itself."""
-    plain = model.config._attn_implementation == "sdpa" and not any(
+    plain = getattr(model.config, "_attn_implementation", None) == "sdpa" and not any(
         getattr(c, "is_sliding", False) for c in cache.layers
     )
     if plain and model.device.type == "cpu":
