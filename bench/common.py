@@ -16,3 +16,12 @@ def cpu() -> tuple[str, list[str]]:
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return model or platform.processor(), [f for f in wanted if f in flags]
+
+
+LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "GRPO_MATH_CPU_BF16")
+
+
+def limits() -> str:
+    """The environment variables set that hold torch, oneDNN, MKL or grpo-math below what the CPU has (a run of the
+    AVX2-only path on a newer CPU names them), or "none"."""
+    return " ".join(f"{k}={os.environ[k]}" for k in LIMITS if k in os.environ) or "none"

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 
-from common import ROOT, cpu
+from common import ROOT, cpu, limits
 
 PATHS = ("trl-fp32", "trl-bf16", "grpo-math")
 RECIPE = ROOT / "recipes" / "smoke.yaml"
@@ -89,7 +89,8 @@ def table(results: dict, args) -> str:
     gpu = next(iter(results.values())).get("peak_gpu_gb") is not None
     base = {name: results[name]["seconds_per_step"] for name in ("trl-fp32", "trl-bf16") if name in results}
     lines = [
-        f"CPU: {model}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of avx2/avx512/amx'}",
+        f"CPU: {model}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of avx2/avx512/amx'}; "
+        f"kernel limits: {limits()}",
         *([f"GPU: {next(iter(results.values()))['device']}"] if gpu else []),
         "settings: "
         + json.dumps(
