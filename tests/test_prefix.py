@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from grpo_math import cli
@@ -175,6 +175,28 @@ def test_decode_steps_without_padding_keep_the_packed_grouped_query_kernel(token
     assert out == plain[:, ids.shape[1] :].tolist()
     steps = [(unmasked, kw) for length, unmasked, kw in calls if length == 2]  # 2 packed queries: a decode step
     assert len(steps) == 2 * 12 and not any(unmasked or kw.get("enable_gqa") for unmasked, kw in steps)
+
+
+def test_decode_steps_keep_the_2d_mask_where_transformers_must_build_it():
+    """A 4D mask passes through transformers unchanged, so ``_step_mask`` builds one only where it is what
+    transformers would build: SDPA on a CPU without sliding-window layers. A sliding window (Mistral-style), eager
+    attention or a GPU keep the 2D padding mask."""
+    from transformers import MistralConfig
+
+    from grpo_math.rollouts import _step_mask
+
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    sizes = {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2}
+    for config, device, four_d in [
+        (LlamaConfig(**sizes), "cpu", True),
+        (MistralConfig(sliding_window=2, **sizes), "cpu", False),
+        (LlamaConfig(**sizes), "cuda", False),
+        (LlamaConfig(attn_implementation="eager", **sizes), "cpu", False),
+    ]:
+        config._attn_implementation = config._attn_implementation or "sdpa"
+        model = SimpleNamespace(config=config, device=torch.device(device))
+        out = _step_mask(model, DynamicCache(config=config))(mask)
+        assert (out.shape == (2, 1, 1, 3) and out.dtype == torch.bool) if four_d else out is mask, config
 
 
 def test_the_sampler_draws_from_the_warped_softmax():
