@@ -156,7 +156,7 @@ def test_grouped_generation_gives_plain_generates_tokens(tokenizer, ends):
 
 def test_decode_steps_without_padding_keep_the_packed_grouped_query_kernel(tokenizer, monkeypatch):
     """Rows with no padding (one prompt, several samples): every one-token decode step still hands SDPA a mask
-    (``_step_mask``), so it packs each key/value head's queries together instead of ``enable_gqa``, the kernel
+    (``_mask_in_4d``), so it packs each key/value head's queries together instead of ``enable_gqa``, the kernel
     transformers picks for an all-ones mask (5x slower on a CPU in bf16); the tokens are ``generate``'s."""
     model = small_llama(vocab=len(tokenizer), std=0.3).eval()  # 4 query heads on 2 key/value heads
     prompts = [tokenizer("What is 2+3?").input_ids] * 3
@@ -164,12 +164,11 @@ def test_decode_steps_without_padding_keep_the_packed_grouped_query_kernel(token
     ids = torch.tensor(prompts)
     plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
-    spy = lambda q, k, v, attn_mask=None, **kw: (
+
+    def spy(q, k, v, attn_mask=None, **kw):
         calls.append((q.shape[2], attn_mask is None, kw))
-        or sdpa(  # noqa: E731
-            q, k, v, attn_mask=attn_mask, **kw
-        )
-    )
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     out = generate_grouped(model, prompts, greedy, tokenizer.pad_token_id, [tokenizer.eos_token_id])
     assert out == plain[:, ids.shape[1] :].tolist()
@@ -178,14 +177,13 @@ def test_decode_steps_without_padding_keep_the_packed_grouped_query_kernel(token
 
 
 def test_decode_steps_keep_the_2d_mask_where_transformers_must_build_it():
-    """A 4D mask passes through transformers unchanged, so ``_step_mask`` builds one only where it is what
+    """A 4D mask passes through transformers unchanged, so the decode loop builds one only where it is what
     transformers would build: SDPA on a CPU without sliding-window layers. A sliding window (Mistral-style), eager
     attention or a GPU keep the 2D padding mask."""
     from transformers import MistralConfig
 
-    from grpo_math.rollouts import _step_mask
+    from grpo_math.rollouts import _mask_in_4d
 
-    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     sizes = {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2}
     for config, device, four_d in [
         (LlamaConfig(**sizes), "cpu", True),
@@ -195,8 +193,7 @@ def test_decode_steps_keep_the_2d_mask_where_transformers_must_build_it():
     ]:
         config._attn_implementation = config._attn_implementation or "sdpa"
         model = SimpleNamespace(config=config, device=torch.device(device))
-        out = _step_mask(model, DynamicCache(config=config))(mask)
-        assert (out.shape == (2, 1, 1, 3) and out.dtype == torch.bool) if four_d else out is mask, config
+        assert _mask_in_4d(model, DynamicCache(config=config)) == four_d, config
 
 
 def test_the_sampler_draws_from_the_warped_softmax():

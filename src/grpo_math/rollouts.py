@@ -304,13 +304,13 @@ def generate_grouped(
     active = list(range(len(rows)))
     with packed_linears(model, len(rows)):
         ids, mask, cache, cached = _prefill_grouped(model, rows, pad_token_id, share_prompt)
-        cache_keyword, padding = _cache_keyword(model), _step_mask(model, cache)
+        cache_keyword, four_d = _cache_keyword(model), _mask_in_4d(model, cache)
         step_ids, positions = ids[:, cached:], (mask.cumsum(-1) - 1).clamp(min=0)
         step_positions, following = positions[:, cached:], positions[:, -1] + 1
         for step in range(generation_config.max_new_tokens):
             logits = model(
                 input_ids=step_ids,
-                attention_mask=padding(mask) if step_ids.shape[1] == 1 else mask,
+                attention_mask=mask[:, None, None, :].bool() if four_d and step_ids.shape[1] == 1 else mask,
                 position_ids=step_positions,
                 use_cache=True,
                 logits_to_keep=1,
@@ -344,19 +344,16 @@ def generate_grouped(
     return (tokens, logps) if sampler_logps else tokens
 
 
-def _step_mask(model, cache):
-    """What a one-token decode step is given as its attention mask: on a CPU, for a model attending with SDPA and no
-    sliding window, the padding mask as the 4D boolean mask transformers would build from it (``[rows, 1, 1,
-    columns]``: one token attends to every earlier column), so that it is never dropped. transformers drops an all-ones
-    mask, and SDPA then runs grouped-query attention with ``enable_gqa``, which on a CPU took 1.5 ms a layer for
-    16 rows of SmolLM2-135M in bf16 against 0.3 ms for the kernel a mask selects (the key/value heads' queries
-    packed together, as whenever a row is padded). Elsewhere the 2D mask itself."""
-    plain = getattr(model.config, "_attn_implementation", None) == "sdpa" and not any(
-        getattr(c, "is_sliding", False) for c in cache.layers
-    )
-    if plain and model.device.type == "cpu":
-        return lambda mask: mask[:, None, None, :].bool()
-    return lambda mask: mask
+def _mask_in_4d(model, cache) -> bool:
+    """Whether a one-token decode step gets the padding mask as the 4D boolean mask transformers would build from
+    it (``[rows, 1, 1, columns]``: one token attends to every earlier column), so that it is never dropped: on a
+    CPU, for a model attending with SDPA and no sliding window (a 4D mask passes through transformers unchanged).
+    transformers drops an all-ones mask, and SDPA then runs grouped-query attention with ``enable_gqa``, which on a
+    CPU took 1.5 ms a layer for 16 rows of SmolLM2-135M in bf16 against 0.3 ms for the kernel a mask selects (the
+    key/value heads' queries packed together, as whenever a row is padded)."""
+    sliding = any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+    sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+    return sdpa and not sliding and model.device.type == "cpu"
 
 
 def _prefill_grouped(model, rows: list[list[int]], pad_token_id: int, share_prompt: bool):
