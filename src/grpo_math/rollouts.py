@@ -166,17 +166,16 @@ def packed_linears(model, rows: int):
     if not (linears and onednn_bf16()):
         yield
         return
-    patched = []
+    groups = []
     for parent in model.modules():
         for names in FUSED:
             group = [getattr(parent, name, None) for name in names]
             if all(id(m) in linears for m in group) and len({m.bias is None for m in group}) == 1:
-                _fuse(group, rows)
-                patched += [linears.pop(id(m)) for m in group]
-    for m in linears.values():
-        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-        m.forward = functools.partial(_packed_linear, packed, m.weight, m.bias)
-        patched.append(m)
+                groups.append([linears.pop(id(m)) for m in group])
+    groups += [[m] for m in linears.values()]
+    for group in groups:
+        _pack(group, rows)
+    patched = [m for group in groups for m in group]
     try:
         yield
     finally:
@@ -184,11 +183,13 @@ def packed_linears(model, rows: int):
             del m.forward
 
 
-def _fuse(group: list, rows: int) -> None:
-    """Point each of ``group``'s ``forward`` at one oneDNN product of their stacked weights: the first call with an
-    input computes every member's output, the others (same input object) take theirs from it."""
-    weight = torch.cat([m.weight.detach() for m in group])
-    bias = None if group[0].bias is None else torch.cat([m.bias.detach() for m in group])
+def _pack(group: list, rows: int) -> None:
+    """Point each of ``group``'s ``forward`` at one oneDNN product of their stacked weights (a group of one: its
+    own): the first call with an input computes every member's output, the others (same input object) take theirs
+    from it. With gradients on, or another dtype, each member runs ``F.linear`` as before."""
+    stack = (lambda ts: ts[0]) if len(group) == 1 else torch.cat  # one weight needs no copy
+    weight = stack([m.weight.detach() for m in group])
+    bias = None if group[0].bias is None else stack([m.bias.detach() for m in group])
     packed, sizes, kept = torch.ops.mkldnn._reorder_linear_weight(weight, rows), [m.out_features for m in group], {}
 
     def forward(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -212,12 +213,6 @@ def onednn_bf16() -> bool:
     return (
         torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise") and ops._is_mkldnn_bf16_supported()
     )
-
-
-def _packed_linear(packed: torch.Tensor, weight: torch.Tensor, bias, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != packed.dtype or torch.is_grad_enabled():
-        return torch.nn.functional.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _cache_keyword(model) -> str:
