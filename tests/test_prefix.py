@@ -196,6 +196,47 @@ def test_decode_steps_keep_the_2d_mask_where_transformers_must_build_it():
         assert _mask_in_4d(model, DynamicCache(config=config)) == four_d, config
 
 
+def test_the_growing_cache_holds_what_concatenation_holds_and_copies_only_when_full():
+    """``GrowingLayer`` returns the keys/values ``DynamicLayer`` returns (torch.cat at every step) for a prefill,
+    40 one-token steps, rows leaving the batch, and after another method replaced its tensors
+    (``reorder_cache``); it allocates a buffer only when the room (32 tokens) runs out. The decode loop's
+    cache uses it for the full-attention layers of an fp32 model (a sliding window keeps its own layer)."""
+    from transformers import MistralConfig
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    from grpo_math.rollouts import GrowingLayer, _cache
+
+    torch.manual_seed(0)
+    growing, plain, buffers = GrowingLayer(), DynamicLayer(), []
+
+    def step(length: int, rows: int = 4):
+        k, v = torch.randn(rows, 2, length, 8), torch.randn(rows, 2, length, 8)
+        got, want = growing.update(k, v), plain.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), growing.get_seq_length()
+        if not any(b is growing.buffers[0] for b in buffers):
+            buffers.append(growing.buffers[0])
+
+    step(9)
+    for i in range(40):
+        step(1, rows=4 if i <= 20 else 3)
+        if i == 20:
+            for layer in (growing, plain):
+                layer.batch_select_indices(torch.tensor([0, 2, 3]))
+    assert len(buffers) == 3  # 9 + 32 room; rows leaving copy into a new one; 42 + 32 at the 33rd step
+    assert growing.buffers[0].shape == (3, 2, 42 + 32, 8)
+    for layer in (growing, plain):
+        layer.reorder_cache(torch.tensor([2, 0, 1]))
+    step(1, rows=3)
+    sizes = {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2}
+    mixed = MistralConfig(sliding_window=4, **sizes, layer_types=["sliding_attention", "full_attention"])
+    for config, dtype, kinds in [
+        (LlamaConfig(**sizes), torch.float32, [GrowingLayer] * 2),
+        (LlamaConfig(**sizes), torch.bfloat16, [DynamicLayer] * 2),
+        (mixed, torch.float32, [DynamicSlidingWindowLayer, GrowingLayer]),
+    ]:
+        assert [type(layer) for layer in _cache(SimpleNamespace(config=config, dtype=dtype)).layers] == kinds
+
+
 def test_the_sampler_draws_from_the_warped_softmax():
     """The sampler draws each token with its softmax probability (20,000 draws, within 4 standard
     errors), after the warpers: nothing outside top-k / top-p, temperature sharpening; greedy is the argmax."""
@@ -529,24 +570,27 @@ def test_answer_stop_on_a_continued_row_reads_what_the_first_round_wrote(tokeniz
     assert continued == [[*close, eos]] and blind == [[*close, *[more] * (8 - len(close))]]
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(onednn, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype, onednn", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)], ids=str
+)
+def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(dtype, onednn, monkeypatch):
     """``packed_linears`` (oneDNN with the weights reordered once, q/k/v and gate/up as one product each) computes
-    what ``F.linear`` computes in bf16, bit for bit, at SmolLM2-135M's widths for a prefill and for decode steps of
-    1, 16 and 64 rows; it runs 4 products a layer (not 7) plus the head; afterwards the model's layers are plain
-    ``nn.Linear`` again (training needs their gradients). On a CPU without oneDNN's bf16 kernels (AVX2 alone)
-    nothing is packed."""
+    what ``F.linear`` computes, at SmolLM2-135M's widths for a prefill and for decode steps of 1, 16 and 64 rows: in
+    bf16 bit for bit, in fp32 within fp32 rounding (oneDNN sums in another order than MKL); it runs 4 products a
+    layer (not 7) plus the head; afterwards the model's layers are plain ``nn.Linear`` again (training needs their
+    gradients). On a CPU without oneDNN's bf16 kernels (AVX2 alone) a bf16 model is not packed."""
     from grpo_math import rollouts
 
-    if onednn and not rollouts.onednn_bf16():
-        pytest.skip("this CPU has no oneDNN bf16 kernels (AVX2 alone): the packed branch cannot run here")
-    monkeypatch.setattr(rollouts, "onednn_bf16", lambda: onednn)
+    if onednn and dtype not in rollouts.onednn_dtypes():
+        pytest.skip(f"this CPU has no oneDNN {dtype} kernels: the packed branch cannot run here")
+    if dtype == torch.bfloat16:
+        monkeypatch.setattr(rollouts, "onednn_bf16", lambda: onednn)
     widths = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
     model = small_llama(std=0.05, attention_bias=True, **widths)  # biases, as Qwen2's q/k/v have
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             torch.nn.init.normal_(p.data)
-    model = model.to(torch.bfloat16).eval()
+    model = model.to(dtype).eval()
     products, product = [], torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: products.append(1) or product(*a))
     for rows, length in [(3, 9), (1, 1), (16, 1), (64, 1)]:
@@ -557,6 +601,9 @@ def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(onedn
                 assert ("forward" in model.model.layers[0].mlp.up_proj.__dict__) == onednn
                 products.clear()
                 packed = model(input_ids=ids).logits
-        assert torch.equal(plain, packed), (rows, length)
+        if dtype == torch.bfloat16:
+            assert torch.equal(plain, packed), (rows, length)
+        else:
+            torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5, msg=f"{rows} rows, {length} tokens")
         assert len(products) == (4 * len(model.model.layers) + 1 if onednn else 0)
     assert not any("forward" in m.__dict__ for m in model.modules())

@@ -4,12 +4,13 @@ sampler's log-probs.
 GRPO samples ``G`` completions of each prompt; TRL's transformers path feeds the prompt ``G`` times to ``generate``.
 ``generate_grouped`` prefills the prefix every prompt shares (few-shot examples, a system prompt) once, then each
 distinct prompt once, repeats the KV cache for the rows and decodes them together: greedy, the same tokens as plain
-``generate`` (a test compares them). A row leaves the batch as soon as it ends: at EOS, at a stop string, or once
-its answer closes (``AnswerStop``, then EOS is appended), so no step is spent on finished rows. ``Sampler`` draws
-with transformers' warpers and keeps each drawn token's log-prob for TRL's importance-sampling correction
-(``prefix.PrefixSharing``); the EOS appended after an answer was never sampled and gets NaN. ``models.generate``
-(eval, ``filter``, ``rft``) decodes through the same function. Where a generation config asks for more than this
-loop does (``decodable``), TRL's own ``generate`` path runs.
+``generate`` (a test compares them; in fp32 the products round in oneDNN's order, ``packed_linears``). A row
+leaves the batch as soon as it ends: at EOS, at a stop string, or once its answer closes (``AnswerStop``, then EOS
+is appended), so no step is spent on finished rows. ``Sampler`` draws with transformers' warpers and keeps each
+drawn token's log-prob for TRL's importance-sampling correction (``prefix.PrefixSharing``); the EOS appended after
+an answer was never sampled and gets NaN. ``models.generate`` (eval, ``filter``, ``rft``) decodes through the same
+function. Where a generation config asks for more than this loop does (``decodable``), TRL's own ``generate`` path
+runs.
 
 >>> runs([[1, 2], [1, 2], [3], [1, 2]])
 [(0, 2), (2, 3), (3, 4)]
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .answers import answer_closed
 
@@ -140,14 +142,17 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling pr
 
 @contextlib.contextmanager
 def packed_linears(model, rows: int):
-    """While open, each ``nn.Linear`` of a bf16 model on a CPU multiplies through oneDNN with its weight reordered
-    once into oneDNN's blocked layout, which a plain bf16 ``F.linear`` rebuilds at every call, and sibling
-    projections of one input (``FUSED``: attention's q/k/v, the MLP's gate/up) multiply as one matrix: whichever
-    is called first computes all of them and the others take their part. The same numbers (a test compares logits
-    exactly); a 16-row decode step's linears went from 787 to 551 us a layer of SmolLM2-135M (2 threads, README
-    "Decoding"). ``rows`` hints the batch the layout is chosen for. Elsewhere (fp32, a GPU, a CPU without oneDNN
-    bf16: ``onednn_bf16``) nothing changes; layers already packed by an enclosing ``packed_linears`` (evaluation
-    packs once for all its batches) are left as they are.
+    """While open, each ``nn.Linear`` of an fp32 or bf16 model on a CPU multiplies through oneDNN with its weight
+    reordered once into oneDNN's blocked layout, which a plain ``F.linear`` rebuilds at every call in bf16 (and
+    which beats MKL's fp32 products at decode widths), and sibling projections of one input (``FUSED``: attention's
+    q/k/v, the MLP's gate/up) multiply as one matrix: whichever is called first computes all of them and the others
+    take their part. In bf16 the same numbers (a test compares logits exactly): a 16-row decode step's linears went
+    from 787 to 551 us a layer of SmolLM2-135M (2 threads, avx512_bf16). In fp32 the same within rounding (oneDNN
+    sums in another order than MKL; greedy tokens the same in the benchmark): on an AVX2-only EPYC the LM head took
+    9.4 instead of 20.6 ms at 16 rows, q/k/v 0.17 instead of 0.27 ms (README "Decoding"). ``rows`` hints the batch
+    the layout is chosen for. Elsewhere (a GPU, bf16 on a CPU without oneDNN's bf16 kernels: ``onednn_dtypes``)
+    nothing changes; layers already packed by an enclosing ``packed_linears`` (evaluation packs once for all its
+    batches) are left as they are.
 
     >>> model = torch.nn.Linear(4, 2)
     >>> with packed_linears(model, 1):
@@ -155,15 +160,16 @@ def packed_linears(model, rows: int):
     >>> "forward" in model.__dict__
     False
     """
+    dtypes = onednn_dtypes()
     linears = {
         id(m): m
         for m in model.modules()
         if type(m) is torch.nn.Linear
-        and m.weight.dtype == torch.bfloat16
+        and m.weight.dtype in dtypes
         and m.weight.device.type == "cpu"
         and "forward" not in m.__dict__
     }
-    if not (linears and onednn_bf16()):
+    if not linears:
         yield
         return
     groups = []
@@ -205,6 +211,14 @@ def _pack(group: list, rows: int) -> None:
 
     for i, m in enumerate(group):
         m.forward = functools.partial(forward, i)
+
+
+def onednn_dtypes() -> set:
+    """The weight dtypes ``packed_linears`` multiplies through oneDNN on this CPU: fp32 wherever PyTorch has oneDNN,
+    bf16 where it also has oneDNN's bf16 kernels (``onednn_bf16``)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return set()
+    return {torch.float32, torch.bfloat16} if onednn_bf16() else {torch.float32}
 
 
 def onednn_bf16() -> bool:
@@ -360,10 +374,10 @@ def _prefill_grouped(model, rows: list[list[int]], pad_token_id: int, share_prom
     groups, cache, cached = runs(rows) if share_prompt else [(i, i + 1) for i in range(len(rows))], None, 0
     select = torch.tensor  # cache rows to keep, by index
     if shared:
-        cache, cached = DynamicCache(config=model.config), shared
+        cache, cached = _cache(model), shared
         _prefill(model, cache, ids, mask, [0], 0, shared)
     if len(groups) < len(rows) and ids.shape[1] - 1 > shared:
-        cache = cache or DynamicCache(config=model.config)
+        cache = cache or _cache(model)
         if shared:
             cache.batch_select_indices(select([0] * len(groups), device=ids.device))
         _prefill(model, cache, ids, mask, [start for start, _ in groups], shared, ids.shape[1] - 1)
@@ -372,4 +386,64 @@ def _prefill_grouped(model, rows: list[list[int]], pad_token_id: int, share_prom
         cached = ids.shape[1] - 1
     elif shared:
         cache.batch_select_indices(select([0] * len(rows), device=ids.device))
-    return ids, mask, cache or DynamicCache(config=model.config), cached
+    return ids, mask, cache or _cache(model), cached
+
+
+def _cache(model) -> DynamicCache:
+    """transformers' ``DynamicCache`` for ``model``; for an fp32 model its full-attention layers ``GrowingLayer``s
+    (in bf16 on the avx512_bf16 EPYC SDPA read a view of a larger buffer about 30% slower, README "Decoding")."""
+    cache = DynamicCache(config=model.config)
+    if model.dtype == torch.float32:
+        cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live in buffers with room for ``room`` more tokens: a decode step
+    writes its token into the room instead of copying the whole cache into a new tensor (``torch.cat``, 15% of a
+    16-row fp32 rollout on the AVX2-only EPYC), and attention reads the filled part as a view. Selecting rows
+    (``batch_select_indices``) copies them with their room. The same keys and values, so the same numbers.
+
+    >>> layer = GrowingLayer()
+    >>> for _ in range(3):
+    ...     keys, _ = layer.update(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4))
+    >>> keys.shape, layer.buffers[0].shape
+    (torch.Size([2, 1, 3, 4]), torch.Size([2, 1, 33, 4]))
+    """
+
+    room, buffers = 32, None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if not self._fits(length + new):
+            grown = []
+            for old, states in zip((self.keys, self.values), (key_states, value_states)):
+                shape = (*states.shape[:-2], length + new + self.room, states.shape[-1])
+                grown.append(states.new_empty(shape))
+                if length:
+                    grown[-1][..., :length, :] = old
+            self.buffers = tuple(grown)
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[..., length : length + new, :] = states
+        self.keys, self.values = (buffer[..., : length + new, :] for buffer in self.buffers)
+        return self.keys, self.values
+
+    def _fits(self, length: int) -> bool:
+        """Whether the buffers hold the cache (no other method replaced it) with room for ``length`` tokens."""
+        buffers = self.buffers
+        return (
+            buffers is not None
+            and self.keys.data_ptr() == buffers[0].data_ptr()
+            and self.keys.shape[:-2] == buffers[0].shape[:-2]
+            and length <= buffers[0].shape[-2]
+        )
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0 and self._fits(0):
+            length = self.get_seq_length()
+            self.buffers = tuple(buffer[indices, ...] for buffer in self.buffers)
+            self.keys, self.values = (buffer[..., :length, :] for buffer in self.buffers)
+        else:
+            super().batch_select_indices(indices)
