@@ -63,7 +63,13 @@ def batch(groups: list[tuple[list[int], int]], width: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_forward_gives_trls_logps_entropies_and_gradients(attention):
+def test_packed_forward_gives_trls_logps_entropies_and_gradients(attention, monkeypatch):
+    """The packed forward (through the CPU head, ``LogProbs``: counted) gives TRL's own path's log-probs, entropies
+    and gradients."""
+    from grpo_math.packing import LogProbs
+
+    heads, forward = [], LogProbs.forward
+    monkeypatch.setattr(LogProbs, "forward", staticmethod(lambda *a: heads.append(1) or forward(*a)))
     width = 7
     # prompts sharing [5] or [5, 6] (as few-shot examples would); one is nothing but the shared part and its last token
     groups = [([5, 6, 7, 8, 9], 3), ([5, 6, 10, 11, 12, 13, 14, 15], 4), ([5, 6, 16], 1), ([5, 18, 19], 2)]
@@ -88,6 +94,44 @@ def test_packed_forward_gives_trls_logps_entropies_and_gradients(attention):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
     chunked, _ = packed_logps(models[1], ids, mask, width, batch_size=7, mask_dtype=mask_dtype)  # [5, 6], then [5]
     torch.testing.assert_close(chunked, logps, atol=1e-6, rtol=0)
+    assert len(heads) == 3  # one packed row, then two
+
+
+@pytest.mark.parametrize("grads", [("log_probs",), ("log_probs", "entropy")])
+def test_the_cpu_log_prob_head_computes_what_trls_chunked_head_computes(grads, monkeypatch):
+    """``LogProbs`` (the whole logits at once, fp32 on a CPU) gives TRL's ``ChunkedLogProbFunction``'s log-probs,
+    entropies, log sum of squared probs, mean logits and top-1 flags, and its gradients for the hidden states,
+    weight and bias, with a temperature, a logit scale, and a loss on the log-probs alone or on the entropies too;
+    the dispatcher leaves bf16, autocast, a softcap and logits over the budget to TRL's."""
+    from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS, ChunkedLogProbFunction
+
+    from grpo_math.packing import LogProbs
+
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(37, 16, generator=gen), torch.randn(300, 16, generator=gen), torch.randn(300, generator=gen)]
+    targets, outputs = torch.randint(0, 300, (37,), generator=gen), ("log_probs", *OPTIONAL_OUTPUTS)
+    weights = [torch.randn(37, generator=gen) for _ in grads]
+    results = []
+    for function in (ChunkedLogProbFunction, LogProbs):
+        hidden, weight, bias = (t.clone().requires_grad_() for t in leaves)
+        out = function.apply(hidden, weight, bias, targets, 0.7, 128, None, 1.3, outputs)
+        sum(w @ out[("log_probs", "entropy").index(g)] for w, g in zip(weights, grads)).backward()
+        results.append([*out, hidden.grad, weight.grad, bias.grad])
+    for name, theirs, ours in zip([*outputs, "d hidden", "d weight", "d bias"], *results):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4, msg=name)
+
+    picked = []
+    apply = LogProbs.dispatch(SimpleNamespace(apply=lambda *a: picked.append("trl"))).apply
+    monkeypatch.setattr(LogProbs, "apply", lambda *a: picked.append("ours"))
+    hidden, weight = leaves[0], leaves[1]
+    apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, outputs)
+    apply(hidden.bfloat16(), weight.bfloat16(), None, targets, 1.0, 128, None, 1.0, outputs)
+    apply(hidden, weight, None, targets, 1.0, 128, 30.0, 1.0, outputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, outputs)
+    monkeypatch.setattr(LogProbs, "BUDGET", 37 * 300 - 1)
+    apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, outputs)
+    assert picked == ["ours", "trl", "trl", "trl", "trl"]
 
 
 def test_packed_forward_groups_rows_by_prompt_after_trls_shuffle():
@@ -400,6 +444,9 @@ def test_the_trl_methods_the_fast_path_overrides_keep_their_signatures():
         ours, theirs = named(getattr(PrefixSharing, name)), named(getattr(GRPOTrainer, name))
         assert theirs[: len(ours)] == ours, (name, theirs)
     assert callable(utils._use_triton) and callable(utils.add_fused_lm_head)
+    from grpo_math.packing import LogProbs  # stands in for TRL's chunked head, called by position
+
+    assert named(utils._ChunkedLogProbFunction.forward) == named(LogProbs.forward)
 
 
 def test_rows_set_aside_after_a_first_round_continue_to_the_same_tokens(tiny_model, monkeypatch):
