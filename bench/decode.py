@@ -153,18 +153,18 @@ def timed_generate(module, model, tokenizer, messages, answer_format: str, **set
     and each completion's ``(text, tokens)``."""
     import torch
 
-    from grpo_math import models, rollouts
+    from grpo_math import kernels, models, rollouts
 
-    saved = rollouts.generate_grouped, rollouts.packed_linears  # imported at each call
+    saved = rollouts.generate_grouped, kernels.packed_linears  # imported at each call
     rollouts.generate_grouped = module.generate_grouped
-    rollouts.packed_linears = getattr(module, "packed_linears", lambda *_: contextlib.nullcontext())
+    kernels.packed_linears = getattr(module, "packed_linears", lambda *_: contextlib.nullcontext())
     try:
         torch.manual_seed(0)
         start = time.perf_counter()
         out = models.generate(model, tokenizer, messages, stop_format=answer_format, **settings)
         seconds = time.perf_counter() - start
     finally:
-        rollouts.generate_grouped, rollouts.packed_linears = saved
+        rollouts.generate_grouped, kernels.packed_linears = saved
     outputs = [[(c["text"], c["tokens"]) for c in o] for o in out]
     return {"seconds": seconds, "tokens": sum(n for o in outputs for _, n in o), "outputs": outputs, "rows": 64}
 

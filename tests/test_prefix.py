@@ -248,7 +248,7 @@ def test_the_growing_cache_holds_what_concatenation_holds_and_copies_only_when_f
     from transformers import MistralConfig
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    from grpo_math.rollouts import GrowingLayer, _cache
+    from grpo_math.kernels import GrowingLayer, kv_cache
 
     torch.manual_seed(0)
     growing, plain, buffers = GrowingLayer(), DynamicLayer(), []
@@ -278,7 +278,7 @@ def test_the_growing_cache_holds_what_concatenation_holds_and_copies_only_when_f
         (LlamaConfig(**sizes), torch.bfloat16, [DynamicLayer] * 2),
         (mixed, torch.float32, [DynamicSlidingWindowLayer, GrowingLayer]),
     ]:
-        assert [type(layer) for layer in _cache(SimpleNamespace(config=config, dtype=dtype)).layers] == kinds
+        assert [type(layer) for layer in kv_cache(SimpleNamespace(config=config, dtype=dtype)).layers] == kinds
 
 
 def test_the_sampler_draws_from_the_warped_softmax():
@@ -593,7 +593,7 @@ class Bigram(torch.nn.Module):
         self.table = torch.full((vocab,), default)
         self.table[list(following)] = torch.tensor(list(following.values()))
 
-    device = torch.device("cpu")
+    device, dtype = torch.device("cpu"), torch.float32
 
     def forward(self, input_ids, past_key_values=None, **kwargs):
         logits = torch.full((len(input_ids), 1, len(self.table)), -1e4)
@@ -626,12 +626,12 @@ def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(dtype
     bf16 bit for bit, in fp32 within fp32 rounding (oneDNN sums in another order than MKL); it runs 4 products a
     layer (not 7) plus the head; afterwards the model's layers are plain ``nn.Linear`` again (training needs their
     gradients). On a CPU without oneDNN's bf16 kernels (AVX2 alone) a bf16 model is not packed."""
-    from grpo_math import rollouts
+    from grpo_math import kernels
 
-    if onednn and dtype not in rollouts.onednn_dtypes():
+    if onednn and dtype not in kernels.onednn_dtypes():
         pytest.skip(f"this CPU has no oneDNN {dtype} kernels: the packed branch cannot run here")
     if dtype == torch.bfloat16:
-        monkeypatch.setattr(rollouts, "onednn_bf16", lambda: onednn)
+        monkeypatch.setattr(kernels, "onednn_bf16", lambda: onednn)
     widths = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
     model = small_llama(std=0.05, attention_bias=True, **widths)  # biases, as Qwen2's q/k/v have
     for name, p in model.named_parameters():
@@ -644,7 +644,7 @@ def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(dtype
         ids = torch.randint(3, 300, (rows, length))
         with torch.no_grad():
             plain = model(input_ids=ids).logits
-            with rollouts.packed_linears(model, rows):
+            with kernels.packed_linears(model, rows):
                 assert ("forward" in model.model.layers[0].mlp.up_proj.__dict__) == onednn
                 products.clear()
                 packed = model(input_ids=ids).logits

@@ -261,7 +261,8 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    from .rollouts import generate_grouped, packed_linears
+    from .kernels import packed_linears
+    from .rollouts import generate_grouped
 
     texts = [apply_template(tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
