@@ -129,9 +129,10 @@ def test_the_cpu_log_prob_head_computes_what_trls_chunked_head_computes(grads, m
     apply(hidden, weight, None, targets, 1.0, 128, 30.0, 1.0, outputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, outputs)
+    apply(hidden.to("meta"), weight.to("meta"), None, targets, 1.0, 128, None, 1.0, outputs)  # not a CPU
     monkeypatch.setattr(LogProbs, "BUDGET", 37 * 300 - 1)
     apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, outputs)
-    assert picked == ["ours", "trl", "trl", "trl", "trl"]
+    assert picked == ["ours", "trl", "trl", "trl", "trl", "trl"]
 
 
 def test_packed_forward_groups_rows_by_prompt_after_trls_shuffle():
@@ -618,20 +619,25 @@ def test_answer_stop_on_a_continued_row_reads_what_the_first_round_wrote(tokeniz
 
 
 @pytest.mark.parametrize(
-    "dtype, onednn", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)], ids=str
+    "dtype, onednn",
+    [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
+    ids=str,
 )
 def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(dtype, onednn, monkeypatch):
     """``packed_linears`` (oneDNN with the weights reordered once, q/k/v and gate/up as one product each) computes
     what ``F.linear`` computes, at SmolLM2-135M's widths for a prefill and for decode steps of 1, 16 and 64 rows: in
     bf16 bit for bit, in fp32 within fp32 rounding (oneDNN sums in another order than MKL); it runs 4 products a
     layer (not 7) plus the head; afterwards the model's layers are plain ``nn.Linear`` again (training needs their
-    gradients). On a CPU without oneDNN's bf16 kernels (AVX2 alone) a bf16 model is not packed."""
+    gradients). On a CPU without oneDNN's bf16 kernels (AVX2 alone) a bf16 model is not packed, without oneDNN
+    nothing is."""
     from grpo_math import kernels
 
     if onednn and dtype not in kernels.onednn_dtypes():
         pytest.skip(f"this CPU has no oneDNN {dtype} kernels: the packed branch cannot run here")
     if dtype == torch.bfloat16:
         monkeypatch.setattr(kernels, "onednn_bf16", lambda: onednn)
+    elif not onednn:  # a PyTorch built without oneDNN
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     widths = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
     model = small_llama(std=0.05, attention_bias=True, **widths)  # biases, as Qwen2's q/k/v have
     for name, p in model.named_parameters():

@@ -101,11 +101,9 @@ def onednn_dtypes() -> set:
 
 
 def onednn_bf16() -> bool:
-    """Whether this CPU runs oneDNN's bf16 kernels (AVX512-BF16/AMX, or AVX512BW emulation; not AVX2 alone)."""
-    ops = torch.ops.mkldnn
-    return (
-        torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise") and ops._is_mkldnn_bf16_supported()
-    )
+    """Whether this CPU runs oneDNN's bf16 kernels (AVX512-BF16/AMX, or AVX512BW emulation; not AVX2 alone), where
+    PyTorch has oneDNN."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def kv_cache(model) -> DynamicCache:
