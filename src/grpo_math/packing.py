@@ -144,13 +144,14 @@ class LogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, *_):
         hidden, weight, targets, z, log_z, entropy = ctx.saved_tensors
-        grad = torch.sub(z, log_z[:, None])  # log p
-        if grad_entropy is not None:  # d entropy / dz_j = -p_j (log p_j + entropy)
-            grad.add_(entropy[:, None]).mul_(torch.sub(z, log_z[:, None]).exp_()).mul_(-grad_entropy[:, None])
+        log_p = torch.sub(z, log_z[:, None])
+        if grad_entropy is None:  # d log p_target / dz_j = 1[j = target] - p_j
+            grad = log_p.exp_().mul_(-grad_logprobs[:, None])
+        else:  # d entropy / dz_j = -p_j (log p_j + entropy)
+            p = log_p.exp()
+            grad = log_p.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])
             if grad_logprobs is not None:
-                grad.sub_(torch.sub(z, log_z[:, None]).exp_().mul_(grad_logprobs[:, None]))
-        else:
-            grad.exp_().mul_(-grad_logprobs[:, None])  # d log p_target / dz_j = 1[j = target] - p_j
+                grad.sub_(p.mul_(grad_logprobs[:, None]))
         if grad_logprobs is not None:
             grad.scatter_add_(1, targets[:, None], grad_logprobs[:, None])
         if ctx.scale != 1.0:
