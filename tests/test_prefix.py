@@ -4,6 +4,7 @@ the packed forward gives TRL's log-probs, entropies and gradients, the stop rule
 answer closes, the bf16 rollout copy follows the weights, and a training step logs the same numbers either way."""
 
 import contextlib
+import functools
 import json
 from types import SimpleNamespace
 
@@ -550,19 +551,51 @@ def test_an_appended_eos_stays_in_the_completion_but_out_of_the_loss():
     assert completion_ids == [[5, 6, 2], [7, 2]] and token_mask == [[1, 1, 0], [1, 1]]
 
 
-@pytest.mark.parametrize("bf16", ["true", "false"])
-def test_mixed_precision_rollouts_get_trls_importance_sampling_correction(bf16, tiny_model, tmp_path, cpu_bf16):
-    """With a mixed-precision loss the sampler is another numerical policy: TRL's correction runs (its metrics are
-    logged only inside it); in fp32 nothing is off-policy and no extra forward is spent."""
-    out = tmp_path / bf16
+LOGPS = PrefixSharing._logps
+
+
+def one_corrected_step(tiny_model, out, bf16, monkeypatch):
+    """One smoke-recipe step on the tiny model, rewarded for short completions (the recipe's rewards are all 0
+    there, and so would be the loss): its metrics line and the models each log-prob forward ran."""
+    from grpo_math import rewards
+
+    monkeypatch.setitem(rewards.REWARDS, "length", functools.partial(rewards.make_length, soft=5, hard=80))
+    forwards, logps = [], LOGPS
+    monkeypatch.setattr(
+        PrefixSharing, "_logps", lambda self, model, *a, **k: [forwards.append(model), logps(self, model, *a, **k)][1]
+    )
     flags = ["train", "--config", "recipes/smoke.yaml", "--model_name_or_path", tiny_model, "--output_dir", str(out)]
     flags += ["--max_steps", "1", "--max_completion_length", "12", "--save_steps", "100", "--bf16", bf16]
-    assert cli.main(flags) == 0
-    log = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert cli.main([*flags, "--reward_funcs", "length"]) == 0
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0]), forwards
+
+
+@pytest.mark.parametrize("bf16", ["true", "false"])
+def test_mixed_precision_rollouts_get_trls_importance_sampling_correction(
+    bf16, tiny_model, tmp_path, cpu_bf16, monkeypatch
+):
+    """With a mixed-precision loss the sampler is another numerical policy: TRL's correction runs (its metrics are
+    logged only inside it); in fp32 nothing is off-policy. Either way the step runs one policy forward with
+    gradients and one of the reference model, no old-policy forward (on policy: ``correct_in_loss``)."""
+    log, forwards = one_corrected_step(tiny_model, tmp_path, bf16, monkeypatch)
     corrected = "sampling/importance_sampling_ratio/mean" in log
     assert corrected == (bf16 == "true"), sorted(log)
+    assert len(forwards) == 2
     if corrected:
         assert 0 <= log["sampling/sampling_logp_difference/mean"] < 0.5
+
+
+def test_the_correction_from_the_loss_forward_is_trls(tiny_model, tmp_path, cpu_bf16, monkeypatch):
+    """On policy, the importance-sampling ratio computed from the loss forward's detached log-probs gives the step
+    TRL's old-policy forward gives: same loss, gradient norm and correction metrics, one forward fewer."""
+    ours, ours_forwards = one_corrected_step(tiny_model, tmp_path / "in-loss", "true", monkeypatch)
+    monkeypatch.setattr(PrefixSharing, "_on_policy", lambda self: False)
+    trls, trls_forwards = one_corrected_step(tiny_model, tmp_path / "trl", "true", monkeypatch)
+    assert len(trls_forwards) == len(ours_forwards) + 1
+    keys = ["loss", "grad_norm", "reward"] + [k for k in trls if k.startswith("sampling/")]
+    assert len(keys) == 8 and {k: ours[k] for k in keys} == pytest.approx(
+        {k: trls[k] for k in keys}, rel=1e-5, abs=1e-9
+    )
 
 
 @pytest.mark.parametrize("window,packed", [(4, False), (1000, True)])
@@ -660,3 +693,41 @@ def test_packed_linears_give_the_same_logits_and_leave_the_model_as_it_was(dtype
             torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5, msg=f"{rows} rows, {length} tokens")
         assert len(products) == (4 * len(model.model.layers) + 1 if onednn else 0)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("token_truncate", [[0.5, 2.0, 1.0]]),
+        ("token_mask", [[0.0, 0.0, 1.0]]),
+        ("sequence_truncate", [[2.0]]),
+        ("sequence_mask", [[0.0]]),
+    ],
+)
+def test_the_correction_in_the_loss_truncates_or_masks_as_trls_modes_say(mode, expected):
+    """``_correct`` with the loss forward's log-probs: per-token or per-sequence ratios exp(policy - sampler),
+    clipped to [0.5, 2] or zeroed outside it, as TRL's ``vllm_importance_sampling_mode``; a NaN sampler log-prob (an
+    appended EOS) and the padding count as no correction."""
+    from collections import defaultdict
+
+    class Trainer(PrefixSharing):
+        vllm_importance_sampling_mode, vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max = (
+            mode,
+            0.5,
+            2.0,
+        )
+        accelerator, model = SimpleNamespace(gather=lambda t: t), SimpleNamespace(training=True)
+        _metrics = {"train": defaultdict(list)}
+
+    nan = float("nan")
+    inputs = {
+        "completion_mask": torch.tensor([[1, 1, 1, 0]]),
+        "sampling_per_token_logps": torch.tensor([[-1.0, -3.0, nan, 0.0]]),
+    }
+    logps = torch.tensor([[-2.0, -1.0, -0.5, -9.0]], requires_grad=True)  # ratios e^-1, e^2, (NaN), (padding)
+    trainer = Trainer.__new__(Trainer)
+    trainer._correct(inputs, logps)
+    ratio = inputs["importance_sampling_ratio"]
+    assert not ratio.requires_grad
+    torch.testing.assert_close(ratio[:, :3] if ratio.shape[1] > 1 else ratio, torch.tensor(expected))
+    assert trainer._metrics["train"]["sampling/sampling_logp_difference/max"] == [2.0]

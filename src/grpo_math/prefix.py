@@ -7,9 +7,13 @@ Off-policy rollouts: where the loss forward runs in mixed precision (``bf16``/``
 copy of ``bf16_rollouts``, or the fp32 weights) is not the policy being trained. ``rollouts.Sampler`` keeps
 each sampled token's log-prob, and ``PrefixSharing`` hands them to TRL, which applies its truncated
 importance-sampling correction (``vllm_importance_sampling_*``, as for vLLM) and logs the mismatch
-(``sampling/sampling_logp_difference/*``). The EOS that ``generate_grouped`` appends after a closed answer was never
-sampled: it stays in the completion (TRL counts the row as terminated) but out of the loss. pyproject pins the TRL
-minor release these overrides were written for; tests check they run in a real step.
+(``sampling/sampling_logp_difference/*``). On policy (one update per generation, TRL's own test), the old policy
+is the policy the loss forward runs: ``PrefixSharing`` then computes the correction from that forward's detached
+log-probs instead of TRL's extra forward without gradients (``correct_in_loss``; same ratios, one forward fewer per
+micro-batch; the metrics are then logged per micro-batch, not per generation batch). The EOS that
+``generate_grouped`` appends after a closed answer was never sampled: it stays in the completion (TRL counts the
+row as terminated) but out of the loss. pyproject pins the TRL minor release these overrides were written for;
+tests check they run in a real step.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class PrefixSharing:
     _rollout = None
     _rollout_step = None
     sampler_correction = False
+    correct_in_loss = False
+    _loss_inputs = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,6 +48,7 @@ class PrefixSharing:
             # TRL applies its importance-sampling correction (and logs the sampler mismatch) when ``use_vllm`` is
             # set; past ``__init__`` that attribute gates nothing else on this path (rollouts check args.use_vllm).
             self.use_vllm = True
+        self.correct_in_loss = self.sampler_correction and self._on_policy()
 
     def _corrects_sampler(self) -> bool:
         """Whether the rollouts need TRL's importance-sampling correction: the loss forward runs in mixed precision,
@@ -59,6 +66,12 @@ class PrefixSharing:
             and not config.top_k
             and config.min_p is None
         )
+
+    def _on_policy(self) -> bool:
+        """TRL's test for rollouts the current weights sampled (no old-policy log-probs needed without a sampler
+        correction): one update per generation, every generation used before the optimizer steps."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.num_iterations == 1 and self.args.gradient_accumulation_steps % generate_every == 0
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if (
@@ -103,6 +116,56 @@ class PrefixSharing:
             )
         return ids, logps
 
+    def _generate_and_score_completions(self, inputs):
+        """TRL's, without its old-policy forward where ``correct_in_loss`` (``use_vllm`` gates that forward, the
+        correction and its metrics there, and nothing else on this path: rollouts check ``args.use_vllm``)."""
+        if not self.correct_in_loss:
+            return super()._generate_and_score_completions(inputs)
+        self.use_vllm = False
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self.use_vllm = True
+
+    def _compute_loss(self, model, inputs):
+        """TRL's loss; where ``correct_in_loss``, its first forward (the policy's) also sets the importance-sampling
+        ratio TRL reads after it (``_correct``)."""
+        self._loss_inputs = inputs if self.correct_in_loss and "importance_sampling_ratio" not in inputs else None
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._loss_inputs = None
+
+    def _correct(self, inputs, logps):
+        """TRL's importance-sampling ratio and its metrics, as ``_generate_and_score_completions`` computes them, with
+        the loss forward's detached log-probs as the old policy's."""
+        mode, lo, hi = (
+            self.vllm_importance_sampling_mode,
+            self.vllm_importance_sampling_clip_min,
+            self.vllm_importance_sampling_clip_max,
+        )
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        sampled = inputs["sampling_per_token_logps"]
+        diff = torch.nan_to_num((logps.detach() - sampled) * mask, nan=0.0)
+        sequence = mode.startswith("sequence")
+        ratio = torch.exp(diff.sum(-1, keepdim=True) if sequence else diff)
+        if mode.endswith("truncate"):
+            ratio = ratio.clamp(lo, hi)
+        else:
+            lo, hi = -math.inf if lo is None else lo, math.inf if hi is None else hi
+            ratio = ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+        inputs["importance_sampling_ratio"] = ratio
+        gather, metrics = self.accelerator.gather, self._metrics["train" if self.model.training else "eval"]
+        delta = (logps.detach() - sampled).abs()[mask.bool() & ~sampled.isnan()]
+        delta = delta if delta.numel() else torch.zeros(1, device=logps.device)
+        metrics["sampling/sampling_logp_difference/mean"].append(gather(delta.mean()).mean().item())
+        metrics["sampling/sampling_logp_difference/max"].append(gather(delta.max()).max().item())
+        flat = ratio.flatten() if sequence else ratio[mask.bool()]
+        flat = flat if flat.numel() else torch.zeros(1, device=logps.device)
+        metrics["sampling/importance_sampling_ratio/min"].append(gather(flat.min()).min().item())
+        metrics["sampling/importance_sampling_ratio/mean"].append(gather(flat.mean()).mean().item())
+        metrics["sampling/importance_sampling_ratio/max"].append(gather(flat.max()).max().item())
+
     def _generate(self, prompts):
         """TRL's ``_generate``, with an EOS appended after a closed answer (NaN sampler log-prob) kept out of the loss
         by TRL's token mask for tokens the policy did not sample (``tool_mask``)."""
@@ -132,6 +195,13 @@ class PrefixSharing:
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **extra
     ):
+        out = self._logps(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **extra)
+        if self._loss_inputs is not None:
+            inputs, self._loss_inputs = self._loss_inputs, None
+            self._correct(inputs, out[0])
+        return out
+
+    def _logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **extra):
         config = self.accelerator.unwrap_model(model).config
         attention = getattr(config, "_attn_implementation", None)
         text_only = all(v is None or v is False for v in extra.values())
