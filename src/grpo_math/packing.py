@@ -97,24 +97,26 @@ def _labelled_positions_only():
 class LogProbs(torch.autograd.Function):
     """What TRL's ``ChunkedLogProbFunction`` computes (log-probs of the targets under ``hidden @ weight.T + bias``
     times ``logit_scale`` over ``temperature``; entropy, ``log(sum p^2)``, the mean logit, whether the target is the
-    argmax), for fp32 on a CPU, from the whole ``[N, V]`` logits at once: TRL's tiles run about ten torch passes
-    each way over every tile. Forward and backward for the 528 completion tokens of a learning-recipe step
-    (SmolLM2's 49k x 576 head) took 2.15 s through TRL's and 1.2 s through this on the AVX2-only EPYC (README "A
-    GRPO step"). The entropy is summed as ``-p log p`` (no cancellation of large logits); backward rebuilds the
-    softmax from the saved logits. A test compares every output and gradient with TRL's."""
+    argmax), on a CPU: the logits as one product in the compute dtype (autocast's, else the inputs'), kept for
+    backward, then folded a block of rows at a time in fp32 buffers that stay in cache; backward writes the logits'
+    gradient over them in place and runs two products. TRL's tiles run about ten torch passes each way over every
+    tile, each into new memory: the head of a learning-recipe step (528 completion tokens, SmolLM2's 49k x 576
+    head) took about 2.4 s a step through TRL's under bf16 autocast on the AMX Xeon (README "A GRPO step"). The
+    entropy is summed as ``-p log p`` (no cancellation of large logits). A test compares every output and gradient
+    with TRL's, in fp32 and under bf16 autocast."""
 
-    BUDGET = 2**27  # logits elements (512 MB in fp32) above which TRL's tiles run instead
+    BUDGET = 2**27  # logits elements (256 MB in bf16, 512 MB in fp32) above which TRL's tiles run instead
+    BLOCK = 2**20  # logits elements folded at a time (4 MB in fp32)
 
     @classmethod
     def dispatch(cls, chunked):
-        """An ``apply`` for TRL's call site: this function where it holds (CPU, fp32 without autocast, no softcap,
-        logits within ``BUDGET``), else ``chunked`` (TRL's)."""
+        """An ``apply`` for TRL's call site: this function where it holds (a CPU, no softcap, logits within
+        ``BUDGET``), else ``chunked`` (TRL's)."""
 
         def apply(*args):  # TRL's order: hidden, weight, bias, targets, temperature, chunk_size, softcap, ...
             hidden, weight, softcap = args[0], args[1], args[6]
-            cpu = hidden.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            fits = hidden.dtype == weight.dtype == torch.float32 and hidden.shape[0] * weight.shape[0] <= cls.BUDGET
-            return (cls if cpu and fits and softcap is None else chunked).apply(*args)
+            fits = hidden.shape[0] * weight.shape[0] <= cls.BUDGET
+            return (cls if hidden.device.type == "cpu" and fits and softcap is None else chunked).apply(*args)
 
         return SimpleNamespace(apply=apply)
 
@@ -123,42 +125,77 @@ class LogProbs(torch.autograd.Function):
         ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
     ):
         ctx.set_materialize_grads(False)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+        z = torch.mm(hidden.to(dtype), weight.to(dtype).t())
+        if bias is not None:  # rounded as TRL's tiles round it: the product, then the sum
+            z += bias.to(dtype)
         scale = logit_scale / temperature
-        z = torch.nn.functional.linear(hidden, weight, bias)
-        if scale != 1.0:
-            z.mul_(scale)
-        log_z = torch.logsumexp(z, dim=-1)
-        target = z.gather(1, targets[:, None]).squeeze(1)
-        if {"entropy", "log_sum_sq_probs"} & set(outputs):
-            log_p = torch.sub(z, log_z[:, None])
-            p = log_p.exp()
-        entropy = -torch.einsum("nv,nv->n", p, log_p) if "entropy" in outputs else None
-        log_sum_sq = torch.einsum("nv,nv->n", p, p).log() if "log_sum_sq_probs" in outputs else None
-        mean = z.mean(-1) if "mean_logits" in outputs else None
-        top1 = z.argmax(-1) == targets if "is_top1" in outputs else None
+        with torch.autocast("cpu", enabled=False):  # the statistics in fp32, as TRL's tiles
+            log_z, target, entropy, log_sum_sq, mean, top1 = LogProbs._statistics(z, scale, targets, outputs)
         ctx.save_for_backward(hidden, weight, targets, z, log_z, entropy if entropy is not None else log_z)
-        ctx.scale, ctx.has_bias = scale, bias is not None
+        ctx.scale, ctx.bias_dtype = scale, None if bias is None else bias.dtype
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean, top1) if x is not None))
         return target - log_z, entropy, log_sum_sq, mean, top1
 
     @staticmethod
+    def _statistics(z, scale, targets, outputs):
+        """Per row of the logits ``z`` (times ``scale``): log-normalizer, target logit, and the ``outputs`` asked
+        for (entropy, log sum of squared probs, mean, target is the argmax; else None), a block of rows at a time."""
+        n, wanted = z.shape[0], set(outputs)
+        log_z, target, entropy, log_sum_sq, mean = (torch.empty(n) for _ in range(5))
+        top1 = torch.empty(n, dtype=torch.bool)
+        for rows, block, log_p in LogProbs._blocks(z, scale):
+            torch.logsumexp(block, -1, out=log_z[rows])
+            target[rows] = block.gather(1, targets[rows, None]).squeeze(1)
+            mean[rows] = block.mean(-1)
+            top1[rows] = block.argmax(-1) == targets[rows]
+            if {"entropy", "log_sum_sq_probs"} & wanted:
+                torch.sub(block, log_z[rows, None], out=log_p)
+                p = block.copy_(log_p).exp_()
+                entropy[rows] = -torch.linalg.vecdot(p, log_p)
+                log_sum_sq[rows] = torch.linalg.vecdot(p, p).log()
+        named = {"entropy": entropy, "log_sum_sq_probs": log_sum_sq, "mean_logits": mean, "is_top1": top1}
+        return log_z, target, *(x if name in wanted else None for name, x in named.items())
+
+    @staticmethod
+    def _blocks(z, scale):
+        """``(rows, block, spare)``: each block of rows of ``z`` as fp32 logits times ``scale``, in one reused buffer,
+        with a second buffer of its shape."""
+        step = max(1, LogProbs.BLOCK // z.shape[1])
+        buffers = torch.empty(2, min(step, z.shape[0]), z.shape[1])
+        for start in range(0, z.shape[0], step):
+            rows = slice(start, min(start + step, z.shape[0]))
+            block, spare = (b[: rows.stop - start] for b in buffers)
+            block.copy_(z[rows])
+            if scale != 1.0:
+                block.mul_(scale)
+            yield rows, block, spare
+
+    @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, *_):
         hidden, weight, targets, z, log_z, entropy = ctx.saved_tensors
-        log_p = torch.sub(z, log_z[:, None])
-        if grad_entropy is None:  # d log p_target / dz_j = 1[j = target] - p_j
-            grad = log_p.exp_().mul_(-grad_logprobs[:, None])
-        else:  # d entropy / dz_j = -p_j (log p_j + entropy)
-            p = log_p.exp()
-            grad = log_p.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])
+        grad_bias = (
+            z.new_zeros(z.shape[1], dtype=torch.float32) if ctx.bias_dtype and ctx.needs_input_grad[2] else None
+        )
+        for rows, block, p in LogProbs._blocks(z, ctx.scale):
+            log_p = block.sub_(log_z[rows, None])
+            torch.exp(log_p, out=p)
+            if grad_entropy is None:  # d log p_target / dz_j = 1[j = target] - p_j
+                grad = p.mul_(-grad_logprobs[rows, None])
+            else:  # d entropy / dz_j = -p_j (log p_j + entropy)
+                grad = log_p.add_(entropy[rows, None]).mul_(p).mul_(-grad_entropy[rows, None])
+                if grad_logprobs is not None:
+                    grad.sub_(p.mul_(grad_logprobs[rows, None]))
             if grad_logprobs is not None:
-                grad.sub_(p.mul_(grad_logprobs[:, None]))
-        if grad_logprobs is not None:
-            grad.scatter_add_(1, targets[:, None], grad_logprobs[:, None])
-        if ctx.scale != 1.0:
-            grad.mul_(ctx.scale)
-        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+                grad.scatter_add_(1, targets[rows, None], grad_logprobs[rows, None])
+            if ctx.scale != 1.0:
+                grad.mul_(ctx.scale)
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            z[rows] = grad  # the logits are spent: their buffer takes the gradient (in the compute dtype)
+        grad_hidden = (z @ weight.to(z.dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (z.t() @ hidden.to(z.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_bias.to(ctx.bias_dtype) if grad_bias is not None else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
