@@ -6,6 +6,8 @@ answer closes, the bf16 rollout copy follows the weights, and a training step lo
 import contextlib
 import functools
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -737,3 +739,23 @@ def test_the_correction_in_the_loss_truncates_or_masks_as_trls_modes_say(mode, e
     assert not ratio.requires_grad
     torch.testing.assert_close(ratio[:, :3] if ratio.shape[1] > 1 else ratio, torch.tensor(expected))
     assert trainer._metrics["train"]["sampling/sampling_logp_difference/max"] == [2.0]
+
+
+def test_freed_memory_is_reused_without_new_page_faults():
+    """``kernels.reuse_freed_memory``: a 64 MB tensor allocated after another was freed faults its pages in afresh
+    by default (glibc maps and unmaps such blocks), and not once the process keeps freed memory."""
+    script = """
+import resource, torch
+from grpo_math.kernels import reuse_freed_memory
+
+def faults():
+    torch.ones(2**24)  # allocate, write and free 64 MB once, then count the faults of doing it again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2**24)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(faults(), reuse_freed_memory(), faults())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    pages = 2**26 // 4096
+    assert int(out[0]) > pages // 2 and out[1] == "True" and int(out[2]) < pages // 20, out

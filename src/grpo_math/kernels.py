@@ -1,7 +1,8 @@
 """CPU kernels for decoding: linears multiplied through oneDNN with their weights packed once (sibling projections
 as one product), and a KV cache whose full-attention layers grow in place. Both leave the numbers as they were
 (fp32 products within rounding); the decode loop (``rollouts``) uses them, and where they do not apply (a GPU,
-bf16 without oneDNN's kernels) nothing changes.
+bf16 without oneDNN's kernels) nothing changes. And for any CPU work: freed memory kept for reuse
+(``reuse_freed_memory``).
 
 >>> sorted(str(d) for d in onednn_dtypes()) in (["torch.float32"], ["torch.bfloat16", "torch.float32"], [])
 True
@@ -15,6 +16,31 @@ import functools
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> bool:
+    """Have the C library keep the memory this process frees for its next allocations: glibc maps large blocks (from
+    128 kB, a threshold that adapts up to 32 MB) afresh and returns them on free, so every new large tensor pays a
+    page fault per 4 kB page; a CPU training step allocates and frees its large tensors (activations, logits,
+    weight casts) every time. With no mapped blocks and no trimming, a fresh 100 MB tensor costs what a reused one
+    does (10.6 instead of 27.7 ms to write one here), and a learning-recipe GRPO step went from 4.7-5.1 to 4.3 s at
+    0.1 GB more peak RSS (the AMX Xeon, README "A GRPO step"). Process-wide and lasting; for CPU runs only (on a GPU
+    machine it would keep a model's freed host copy). Returns whether it applied (glibc's ``mallopt``; else
+    nothing changes).
+
+    >>> isinstance(reuse_freed_memory(), bool)
+    True
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows)
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
 
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling projections of one input
 

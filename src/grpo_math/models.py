@@ -261,8 +261,11 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    from .kernels import packed_linears
+    from .kernels import packed_linears, reuse_freed_memory
     from .rollouts import generate_grouped
+
+    if model.device.type == "cpu":
+        reuse_freed_memory()
 
     texts = [apply_template(tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)

@@ -32,6 +32,7 @@ from .callbacks import AccuracyCallback, BadStepGuard, MetricsFile, SignalWatch
 from .config import GRPOMathConfig, ScriptConfig, parse_train_args, to_dict
 from .console import setup_logging, use_console
 from .data import load_gsm8k, render_plain
+from .kernels import reuse_freed_memory
 from .models import apply_template, load_tokenizer, load_weights, resolve_model, torchrun_env
 from .rewards import get_reward_funcs
 from .runfiles import CONFIG_FILE, METRICS_FILE, RUN_INFO_FILE, SFT_DIR, versions, write_config
@@ -86,6 +87,8 @@ def sft_stage(script, args, model_args, path: str, tokenizer, dataset, final: Pa
     files are moved into ``final`` when complete; ``config`` (``grpo_math_config.yaml``) is written last."""
     from trl import SFTConfig, SFTTrainer
 
+    if args.use_cpu:
+        reuse_freed_memory()
     staging = final / ".sft-staging"
     shutil.rmtree(staging, ignore_errors=True)
     (final / CONFIG_FILE).unlink(missing_ok=True)  # a retrained folder is incomplete until its config is back
@@ -364,6 +367,8 @@ def build_trainer(script: ScriptConfig, args: GRPOMathConfig, model_args, model,
     """TRL's GRPOTrainer with our reward functions (each logged as ``rewards/<name>/mean``)."""
     from trl import get_peft_config
 
+    if args.use_cpu:
+        reuse_freed_memory()
     callbacks = [BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile(), SignalWatch()]
     if args.eval_limit:
         callbacks.insert(0, accuracy_callback(script, args))
