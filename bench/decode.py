@@ -83,8 +83,8 @@ def main() -> int:
         if name == "sampled":
             print("sampled: eval --samples 8 --temperature 1.0 (sampled: the two versions draw differently)")
         elif name == "eval":
-            same = results["before"]["outputs"] == results["after"]["outputs"]
-            print(f"eval: greedy completions identical before/after: {same}")
+            pairs = list(zip(results["before"]["outputs"], results["after"]["outputs"], strict=True))
+            print(f"eval: greedy completions identical before/after: {sum(a == b for a, b in pairs)}/{len(pairs)}")
         else:
             lengths = {k: r["tokens"] / r["completions"] for k, r in results.items()}
             print(

@@ -264,7 +264,7 @@ def generate(
     from .kernels import packed_linears, reuse_freed_memory
     from .rollouts import generate_grouped
 
-    if model.device.type == "cpu":
+    if str(getattr(model, "device", "cpu")) == "cpu":
         reuse_freed_memory()
 
     texts = [apply_template(tokenizer, p) for p in prompts]
