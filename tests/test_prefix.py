@@ -759,3 +759,13 @@ print(faults(), reuse_freed_memory(), faults())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     pages = 2**26 // 4096
     assert int(out[0]) > pages // 2 and out[1] == "True" and int(out[2]) < pages // 20, out
+
+
+def test_reusing_freed_memory_is_skipped_without_glibc(monkeypatch):
+    """Where the C library has no ``mallopt`` (macOS, Windows) nothing changes and the call says so."""
+    import ctypes
+
+    from grpo_math.kernels import reuse_freed_memory
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace())
+    assert reuse_freed_memory() is False

@@ -147,8 +147,10 @@ class LogProbs(torch.autograd.Function):
         for rows, block, log_p in LogProbs._blocks(z, scale):
             torch.logsumexp(block, -1, out=log_z[rows])
             target[rows] = block.gather(1, targets[rows, None]).squeeze(1)
-            mean[rows] = block.mean(-1)
-            top1[rows] = block.argmax(-1) == targets[rows]
+            if "mean_logits" in wanted:
+                mean[rows] = block.mean(-1)
+            if "is_top1" in wanted:
+                top1[rows] = block.argmax(-1) == targets[rows]
             if {"entropy", "log_sum_sq_probs"} & wanted:
                 torch.sub(block, log_z[rows, None], out=log_p)
                 p = block.copy_(log_p).exp_()

@@ -146,7 +146,8 @@ class PrefixSharing:
         )
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
         sampled = inputs["sampling_per_token_logps"]
-        diff = torch.nan_to_num((logps.detach() - sampled) * mask, nan=0.0)
+        gap = logps.detach() - sampled
+        diff = torch.nan_to_num(gap * mask, nan=0.0)
         sequence = mode.startswith("sequence")
         ratio = torch.exp(diff.sum(-1, keepdim=True) if sequence else diff)
         if mode.endswith("truncate"):
@@ -156,7 +157,7 @@ class PrefixSharing:
             ratio = ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
         inputs["importance_sampling_ratio"] = ratio
         gather, metrics = self.accelerator.gather, self._metrics["train" if self.model.training else "eval"]
-        delta = (logps.detach() - sampled).abs()[mask.bool() & ~sampled.isnan()]
+        delta = gap.abs()[mask.bool() & ~sampled.isnan()]
         delta = delta if delta.numel() else torch.zeros(1, device=logps.device)
         metrics["sampling/sampling_logp_difference/mean"].append(gather(delta.mean()).mean().item())
         metrics["sampling/sampling_logp_difference/max"].append(gather(delta.max()).max().item())
