@@ -741,24 +741,30 @@ def test_the_correction_in_the_loss_truncates_or_masks_as_trls_modes_say(mode, e
     assert trainer._metrics["train"]["sampling/sampling_logp_difference/max"] == [2.0]
 
 
-def test_freed_memory_is_reused_without_new_page_faults():
+def test_freed_memory_is_reused_without_new_page_faults_and_returned_between_steps():
     """``kernels.reuse_freed_memory``: a 64 MB tensor allocated after another was freed faults its pages in afresh
-    by default (glibc maps and unmaps such blocks), and not once the process keeps freed memory."""
+    by default (glibc maps and unmaps such blocks), and not once the process keeps freed memory; after a training
+    step (``callbacks.TrimFreedMemory``) the freed memory has gone back to the system (the next tensor faults)."""
     script = """
 import resource, torch
+from grpo_math.callbacks import TrimFreedMemory
 from grpo_math.kernels import reuse_freed_memory
 
-def faults():
-    torch.ones(2**24)  # allocate, write and free 64 MB once, then count the faults of doing it again
+def fresh():  # page faults of writing a new 64 MB tensor
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(2**24)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-print(faults(), reuse_freed_memory(), faults())
+def second():  # the same after another was written and freed
+    torch.ones(2**24)
+    return fresh()
+
+print(second(), reuse_freed_memory(), second(), TrimFreedMemory().on_step_end(None, None, None) or fresh())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     pages = 2**26 // 4096
     assert int(out[0]) > pages // 2 and out[1] == "True" and int(out[2]) < pages // 20, out
+    assert int(out[3]) > pages // 2, out
 
 
 def test_reusing_freed_memory_is_skipped_without_glibc(monkeypatch):

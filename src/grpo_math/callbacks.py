@@ -40,6 +40,16 @@ class MetricsFile(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs, "elapsed_s": elapsed}) + "\n")
 
 
+class TrimFreedMemory(TrainerCallback):
+    """After each step, the memory the step freed goes back to the system (``kernels.trim_freed_memory``), so a CPU
+    run that reuses freed memory within a step (``kernels.reuse_freed_memory``) holds about one step's peak."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from .kernels import trim_freed_memory
+
+        trim_freed_memory()
+
+
 class SignalWatch(TrainerCallback):
     """Warns once when GRPO has had no signal for ``patience`` logged steps in a row: every group's completions
     scored the same (TRL's ``frac_reward_zero_std`` >= ``threshold``), so every advantage, and the update, is 0."""

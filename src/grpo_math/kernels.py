@@ -42,6 +42,17 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def trim_freed_memory() -> None:
+    """Hand the memory this process has freed back to the system (glibc's ``malloc_trim``; elsewhere nothing): with
+    ``reuse_freed_memory`` alone the heap only grows (a learning-recipe run's peak RSS went 5.1 GB at 30 steps to
+    7.8 GB at 100), so training calls this between steps (``callbacks.TrimFreedMemory``): freed memory is reused
+    within a step and returned after it."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling projections of one input
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import UserError
-from .callbacks import AccuracyCallback, BadStepGuard, MetricsFile, SignalWatch
+from .callbacks import AccuracyCallback, BadStepGuard, MetricsFile, SignalWatch, TrimFreedMemory
 from .config import GRPOMathConfig, ScriptConfig, parse_train_args, to_dict
 from .console import setup_logging, use_console
 from .data import load_gsm8k, render_plain
@@ -87,8 +87,7 @@ def sft_stage(script, args, model_args, path: str, tokenizer, dataset, final: Pa
     files are moved into ``final`` when complete; ``config`` (``grpo_math_config.yaml``) is written last."""
     from trl import SFTConfig, SFTTrainer
 
-    if args.use_cpu:
-        reuse_freed_memory()
+    reuse = args.use_cpu and reuse_freed_memory()
     staging = final / ".sft-staging"
     shutil.rmtree(staging, ignore_errors=True)
     (final / CONFIG_FILE).unlink(missing_ok=True)  # a retrained folder is incomplete until its config is back
@@ -115,7 +114,8 @@ def sft_stage(script, args, model_args, path: str, tokenizer, dataset, final: Pa
         args=sft_args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile()],
+        callbacks=[BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile()]
+        + ([TrimFreedMemory()] if reuse else []),
     )
     use_console(trainer, "sft")
     announce(trainer, what)
@@ -367,9 +367,9 @@ def build_trainer(script: ScriptConfig, args: GRPOMathConfig, model_args, model,
     """TRL's GRPOTrainer with our reward functions (each logged as ``rewards/<name>/mean``)."""
     from trl import get_peft_config
 
-    if args.use_cpu:
-        reuse_freed_memory()
     callbacks = [BadStepGuard(args.on_bad_step, args.bad_loss, args.bad_grad_norm), MetricsFile(), SignalWatch()]
+    if args.use_cpu and reuse_freed_memory():
+        callbacks.append(TrimFreedMemory())
     if args.eval_limit:
         callbacks.insert(0, accuracy_callback(script, args))
     trainer = trainer_class()(
