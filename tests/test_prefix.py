@@ -747,6 +747,7 @@ def test_freed_memory_is_reused_without_new_page_faults_and_returned_between_ste
     step (``callbacks.TrimFreedMemory``) the freed memory has gone back to the system (the next tensor faults)."""
     script = """
 import resource, torch
+from types import SimpleNamespace
 from grpo_math.callbacks import TrimFreedMemory
 from grpo_math.kernels import reuse_freed_memory
 
@@ -759,7 +760,8 @@ def second():  # the same after another was written and freed
     torch.ones(2**24)
     return fresh()
 
-print(second(), reuse_freed_memory(), second(), TrimFreedMemory().on_step_end(None, None, None) or fresh())
+step_4 = SimpleNamespace(global_step=4)
+print(second(), reuse_freed_memory(), second(), TrimFreedMemory(every=2).on_step_end(None, step_4, None) or fresh())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     pages = 2**26 // 4096

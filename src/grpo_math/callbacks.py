@@ -41,13 +41,17 @@ class MetricsFile(TrainerCallback):
 
 
 class TrimFreedMemory(TrainerCallback):
-    """After each step, the memory the step freed goes back to the system (``kernels.trim_freed_memory``), so a CPU
-    run that reuses freed memory within a step (``kernels.reuse_freed_memory``) holds about one step's peak."""
+    """Every ``every`` steps, the memory freed since goes back to the system (``kernels.trim_freed_memory``), so a
+    CPU run that keeps freed memory for reuse (``kernels.reuse_freed_memory``) does not grow its heap run-long."""
+
+    def __init__(self, every: int = 10):
+        self.every = every
 
     def on_step_end(self, args, state, control, **kwargs):
         from .kernels import trim_freed_memory
 
-        trim_freed_memory()
+        if state.global_step % self.every == 0:
+            trim_freed_memory()
 
 
 class SignalWatch(TrainerCallback):
