@@ -25,10 +25,10 @@ def reuse_freed_memory() -> bool:
     128 kB, a threshold that adapts up to 32 MB) afresh and returns them on free, so every new large tensor pays a
     page fault per 4 kB page; a CPU training step allocates and frees its large tensors (activations, logits,
     weight casts) every time. With no mapped blocks and no trimming, a fresh 100 MB tensor costs what a reused one
-    does (10.6 instead of 27.7 ms to write one here), and a learning-recipe GRPO step went from 4.7-5.1 to 4.3 s; 30
-    steps of the recipe took 4.60 -> 5.13 GB peak RSS (the AMX Xeon, README "What makes the difference"): freed
-    memory stays with the process. Process-wide and lasting; for CPU runs only (on a GPU machine it would keep a
-    model's freed host copy). Returns whether it applied (glibc's ``mallopt``; elsewhere nothing changes).
+    does (10.6 instead of 27.7 ms to write one here), and a learning-recipe GRPO step went from 4.7-5.1 to 4.3 s
+    (the AMX Xeon, README "What makes the difference"). Freed memory stays with the process: training hands it back
+    now and then (``trim_freed_memory``). Process-wide and lasting; for CPU runs only (on a GPU machine it would keep
+    a model's freed host copy). Returns whether it applied (glibc's ``mallopt``; elsewhere nothing changes).
 
     >>> isinstance(reuse_freed_memory(), bool)
     True
@@ -44,9 +44,9 @@ def reuse_freed_memory() -> bool:
 
 def trim_freed_memory() -> None:
     """Hand the memory this process has freed back to the system (glibc's ``malloc_trim``; elsewhere nothing): with
-    ``reuse_freed_memory`` alone the heap only grows (a learning-recipe run's peak RSS went 5.1 GB at 30 steps to
-    7.8 GB at 100), so training calls this between steps (``callbacks.TrimFreedMemory``): freed memory is reused
-    within a step and returned after it."""
+    ``reuse_freed_memory`` alone the heap only grows (100 learning-recipe steps peaked at 7.8 GB against 5.5 GB
+    without it), so training calls this every few steps (``callbacks.TrimFreedMemory``; every step would give the
+    memory back and with it the gain)."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
