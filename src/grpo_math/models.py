@@ -261,11 +261,10 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    from .kernels import packed_linears, reuse_freed_memory
+    from .kernels import packed_linears, reuse_freed_memory, trim_freed_memory
     from .rollouts import generate_grouped
 
-    if str(getattr(model, "device", "cpu")) == "cpu":
-        reuse_freed_memory()
+    reuse = str(getattr(model, "device", "cpu")) == "cpu" and reuse_freed_memory()
 
     texts = [apply_template(tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
@@ -315,6 +314,8 @@ def generate(
                     done += left[rows[r][0]] == 0
             if progress:
                 progress(done, tokens)
+            if reuse:
+                trim_freed_memory()  # freed memory reused within a batch, handed back after it
 
     first = min(max_new_tokens, CONTINUE_AFTER)
     with packed_linears(model, batch_size):  # once for every batch (the weights do not change here)
