@@ -33,13 +33,8 @@ def reuse_freed_memory() -> bool:
     >>> isinstance(reuse_freed_memory(), bool)
     True
     """
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows)
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    mallopt = _libc("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def trim_freed_memory() -> None:
@@ -47,10 +42,19 @@ def trim_freed_memory() -> None:
     ``reuse_freed_memory`` alone the heap only grows (100 learning-recipe steps peaked at 7.8 GB against 5.5 GB
     without it), so training calls this every few steps (``callbacks.TrimFreedMemory``; every step would give the
     memory back and with it the gain)."""
+    malloc_trim = _libc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _libc(name: str):
+    """The C library's function ``name`` (glibc's ``mallopt``, ``malloc_trim``), or None where it has none."""
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows)
+        return None
 
 
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling projections of one input
