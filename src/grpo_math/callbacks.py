@@ -48,9 +48,9 @@ class TrimFreedMemory(TrainerCallback):
         self.every = every
 
     def on_step_end(self, args, state, control, **kwargs):
-        from .kernels import trim_freed_memory
-
         if state.global_step % self.every == 0:
+            from .kernels import trim_freed_memory
+
             trim_freed_memory()
 
 
