@@ -19,9 +19,9 @@ from trl.trainer.utils import add_fused_lm_head
 
 from grpo_math import cli
 from grpo_math.answers import answer_closed
-from grpo_math.packing import packed_logps
+from grpo_math.packing import Tree, _block_mask, _pack, packed_logps, tree_attention
 from grpo_math.prefix import PrefixSharing
-from grpo_math.rollouts import AnswerStop, Sampler, decodable, generate_grouped, pad_rows
+from grpo_math.rollouts import AnswerStop, Sampler, decodable, generate_grouped, pad_rows, runs
 
 
 def small_llama(vocab: int = 300, layers: int = 2, std: float | None = None, **extra) -> LlamaForCausalLM:
@@ -69,6 +69,7 @@ def batch(groups: list[tuple[list[int], int]], width: int, seed: int = 0):
 def test_packed_forward_gives_trls_logps_entropies_and_gradients(attention, monkeypatch):
     """The packed forward (through the CPU head, ``LogProbs``: counted) gives TRL's own path's log-probs, entropies
     and gradients."""
+    from grpo_math import packing
     from grpo_math.packing import LogProbs
 
     heads, forward = [], LogProbs.forward
@@ -87,7 +88,12 @@ def test_packed_forward_gives_trls_logps_entropies_and_gradients(attention, monk
     labels[:, :-width] = -100
     theirs = models[0](input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
     mask_dtype = torch.float32 if attention == "eager" else None
+    packing._install_tree_attention()
+    full_row = []  # SDPA over the whole packed row: with sdpa, the tree's two dense batches run instead
+    sdpa = packing._SDPA["original"]
+    monkeypatch.setitem(packing._SDPA, "original", lambda *a, **k: full_row.append(1) or sdpa(*a, **k))
     logps, entropies = packed_logps(models[1], ids, mask, width, compute_entropy=True, mask_dtype=mask_dtype)
+    assert full_row == []
     torch.testing.assert_close(logps, theirs.log_probs[:, -width:], atol=1e-5, rtol=0)
     torch.testing.assert_close(entropies, theirs.entropy[:, -width:], atol=1e-5, rtol=0)
     weights = torch.randn(logps.shape)  # any loss of the log-probs: the gradients agree too
@@ -98,6 +104,48 @@ def test_packed_forward_gives_trls_logps_entropies_and_gradients(attention, monk
     chunked, _ = packed_logps(models[1], ids, mask, width, batch_size=7, mask_dtype=mask_dtype)  # [5, 6], then [5]
     torch.testing.assert_close(chunked, logps, atol=1e-6, rtol=0)
     assert len(heads) == 3  # one packed row, then two
+
+
+@pytest.mark.parametrize(
+    "prompts, lengths",
+    [
+        ([[5, 6, 7, 8]] * 3 + [[5, 6, 9]] * 2, [4, 0, 6, 1, 3]),  # a shared prefix, two groups
+        ([[7]] * 3, [2, 5, 0]),  # one group whose prompt is one token: no trunk but the copies of it
+        ([[1, 2, 3], [4, 5]], [3, 3]),  # nothing shared, groups of one
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_is_the_block_masked_attention(prompts, lengths, dtype):
+    """``tree_attention`` (the trunk among itself, each completion against its context and itself) gives SDPA's
+    output and gradients over the whole packed row with its block mask, grouped-query heads included: to rounding
+    in fp32; in bf16 (products rounded as eager attention rounds them) within 3x SDPA's own bf16 error against
+    float64."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    completions = [list(range(10, 10 + n)) for n in lengths]
+    _, _, group, member, _, _ = _pack(prompts, completions, runs(prompts))
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    torch.manual_seed(0)
+    length = len(group)
+    inputs = [torch.randn(1, h, length, 8) * 2 for h in (6, 2, 2)]
+    upstream = torch.randn(1, length, 6, 8)
+    mask, tree = _block_mask(torch.tensor(group), torch.tensor(member)), Tree.of(group, member, "cpu")
+
+    def run(dtype, packed_tree=None):
+        q, k, v = (x.to(dtype, copy=True).requires_grad_() for x in inputs)
+        if packed_tree is None:
+            out = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0]
+        else:
+            out = tree_attention(module, q, k, v, mask, scaling=0.3, packed_tree=packed_tree)[0]
+        out.backward(upstream.to(dtype))
+        return [x.double() for x in (out, q.grad, k.grad, v.grad)]
+
+    exact, theirs, ours = run(torch.float64), run(dtype), run(dtype, tree)
+    for mine, sdpa, truth in zip(ours, theirs, exact):
+        if dtype == torch.float32:
+            torch.testing.assert_close(mine, sdpa, atol=1e-5, rtol=1e-5)
+        else:
+            assert (mine - truth).norm() <= 3 * (sdpa - truth).norm() + 1e-3 * truth.norm()
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
