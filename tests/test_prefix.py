@@ -88,12 +88,18 @@ def test_packed_forward_gives_trls_logps_entropies_and_gradients(attention, monk
     labels[:, :-width] = -100
     theirs = models[0](input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
     mask_dtype = torch.float32 if attention == "eager" else None
+    from transformers.modeling_utils import AttentionInterface
+
     packing._install_tree_attention()
-    full_row = []  # SDPA over the whole packed row: with sdpa, the tree's two dense batches run instead
-    sdpa = packing._SDPA["original"]
-    monkeypatch.setitem(packing._SDPA, "original", lambda *a, **k: full_row.append(1) or sdpa(*a, **k))
+    calls = {"tree": 0, "whole row": 0}  # with sdpa, each layer attends through the tree, never over the whole row
+
+    def counted(*args, packed_tree=None, **kwargs):
+        calls["whole row" if packed_tree is None else "tree"] += 1
+        return tree_attention(*args, packed_tree=packed_tree, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counted)
     logps, entropies = packed_logps(models[1], ids, mask, width, compute_entropy=True, mask_dtype=mask_dtype)
-    assert full_row == []
+    assert calls == ({"tree": 2, "whole row": 0} if attention == "sdpa" else {"tree": 0, "whole row": 0})
     torch.testing.assert_close(logps, theirs.log_probs[:, -width:], atol=1e-5, rtol=0)
     torch.testing.assert_close(entropies, theirs.entropy[:, -width:], atol=1e-5, rtol=0)
     weights = torch.randn(logps.shape)  # any loss of the log-probs: the gradients agree too
