@@ -259,8 +259,10 @@ class LogProbs(torch.autograd.Function):
             if {"entropy", "log_sum_sq_probs"} & wanted:
                 torch.sub(block, log_z[rows, None], out=log_p)
                 p = block.copy_(log_p).exp_()
-                entropy[rows] = -torch.linalg.vecdot(p, log_p)
-                log_sum_sq[rows] = torch.linalg.vecdot(p, p).log()
+                if "entropy" in wanted:
+                    entropy[rows] = -torch.linalg.vecdot(p, log_p)
+                if "log_sum_sq_probs" in wanted:  # squares of small p underflow to slow subnormals: only if asked
+                    log_sum_sq[rows] = torch.linalg.vecdot(p, p).log()
         named = {"entropy": entropy, "log_sum_sq_probs": log_sum_sq, "mean_logits": mean, "is_top1": top1}
         return log_z, target, *(x if name in wanted else None for name, x in named.items())
 

@@ -243,7 +243,7 @@ def run_training(trainer, resume: str | None) -> None:
         raise UserError(
             f"out of memory at step {trainer.state.global_step}: lower per_device_train_batch_size "
             "(raise gradient_accumulation_steps), max_completion_length or num_generations, set --use_peft, "
-            "or keep --activation_checkpointing on (the default)"
+            "or set --activation_checkpointing true (TRL's default; the CPU recipes turn it off)"
         ) from None
     guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BadStepGuard))
     if guard.stopped:
