@@ -26,7 +26,7 @@ def reuse_freed_memory() -> bool:
     page fault per 4 kB page; a CPU training step allocates and frees its large tensors (activations, logits,
     weight casts) every time. With no mapped blocks and no trimming, a fresh 100 MB tensor costs what a reused one
     does (10.6 instead of 27.7 ms to write one here), and a learning-recipe GRPO step went from 4.7-5.1 to 4.3 s
-    (the AMX Xeon, README "What makes the difference"). Freed memory stays with the process: training hands it back
+    (the AMX Xeon, docs/performance.md). Freed memory stays with the process: training hands it back
     now and then (``trim_freed_memory``). Process-wide and lasting; for CPU runs only (on a GPU machine it would keep
     a model's freed host copy). Returns whether it applied (glibc's ``mallopt``; elsewhere nothing changes).
 
@@ -69,7 +69,7 @@ def packed_linears(model, rows: int):
     take their part. In bf16 the same numbers (a test compares logits exactly): a 16-row decode step's linears went
     from 787 to 551 us a layer of SmolLM2-135M (2 threads, avx512_bf16). In fp32 the same within rounding (oneDNN
     sums in another order than MKL; greedy tokens the same in the benchmark): on an AVX2-only EPYC the LM head took
-    9.4 instead of 20.6 ms at 16 rows, q/k/v 0.17 instead of 0.27 ms (README "Decoding"). ``rows`` hints the batch
+    9.4 instead of 20.6 ms at 16 rows, q/k/v 0.17 instead of 0.27 ms (docs/performance.md). ``rows`` hints the batch
     the layout is chosen for. Elsewhere (a GPU, bf16 on a CPU without oneDNN's bf16 kernels: ``onednn_dtypes``)
     nothing changes; layers already packed by an enclosing ``packed_linears`` (evaluation packs once for all its
     batches) are left as they are.
@@ -149,7 +149,7 @@ def onednn_bf16() -> bool:
 
 def kv_cache(model) -> DynamicCache:
     """transformers' ``DynamicCache`` for ``model``; for an fp32 model its full-attention layers ``GrowingLayer``s
-    (in bf16 on the avx512_bf16 EPYC SDPA read a view of a larger buffer about 30% slower, README "Decoding")."""
+    (in bf16 on the avx512_bf16 EPYC SDPA read a view of a larger buffer about 30% slower: docs/performance.md)."""
     cache = DynamicCache(config=model.config)
     if model.dtype == torch.float32:
         cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]

@@ -206,7 +206,7 @@ class LogProbs(torch.autograd.Function):
     backward, then folded a block of rows at a time in fp32 buffers that stay in cache; backward writes the logits'
     gradient over them in place and runs two products. TRL's tiles run about ten torch passes each way over every
     tile, each into new memory: the head of a learning-recipe step (528 completion tokens, SmolLM2's 49k x 576
-    head) took about 2.4 s a step through TRL's under bf16 autocast on the AMX Xeon (README "A GRPO step"). The
+    head) took about 2.4 s a step through TRL's under bf16 autocast on the AMX Xeon (docs/performance.md). The
     entropy is summed as ``-p log p`` (no cancellation of large logits). A test compares every output and gradient
     with TRL's, in fp32 and under bf16 autocast."""
 

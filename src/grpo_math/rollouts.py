@@ -100,7 +100,7 @@ class Sampler:
     ``generate`` builds them. A draw inverts each row's cumulative distribution at one uniform number (summed in
     float64): the distribution of ``torch.multinomial``, which took about 20 ms of a 16-row decode step over a 49k
     vocabulary on the 2-core EPYC, and of the exponential race (``argmax p / E``), whose uniform number per token
-    took 5.4 ms there; this takes 0.8 ms (README "Decoding")."""
+    took 5.4 ms there; this takes 0.8 ms (docs/performance.md, "Decoding")."""
 
     def __init__(self, config):
         from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
