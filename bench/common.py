@@ -25,3 +25,10 @@ def limits() -> str:
     """The environment variables set that hold torch, oneDNN, MKL or grpo-math below what the CPU has (a run of the
     AVX2-only path on a newer CPU names them), or "none"."""
     return " ".join(f"{k}={os.environ[k]}" for k in LIMITS if k in os.environ) or "none"
+
+
+def malloc() -> str:
+    """The malloc a benchmark's processes run under: what ``LD_PRELOAD`` names, else glibc's. The benchmarks don't
+    re-execute under jemalloc as ``grpo-math train`` does (``grpo_math.allocator``): ``LD_PRELOAD=…libjemalloc.so.2``
+    runs every path under it."""
+    return os.environ.get("LD_PRELOAD") or "glibc"

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import GSM8K_DIR, ROOT, cpu, limits
+from common import GSM8K_DIR, ROOT, cpu, limits, malloc
 
 BEFORE = "920516c"  # the last revision whose rollouts decoded through transformers' generate
 
@@ -60,7 +60,7 @@ def main() -> int:
     print(
         f"CPU: {name} ({' '.join(flags)}), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
         f"native bf16 {cpu_has_bf16()}; model {args.model} ({params / 1e6:.0f}M parameters, {model.dtype}); "
-        f"before = {args.before}, after = working tree; kernel limits: {limits()}"
+        f"before = {args.before}, after = working tree; kernel limits: {limits()}; malloc: {malloc()}"
     )
     bandwidth, peak = measure_machine(model.dtype)
     print(f"machine: memory read {bandwidth / 1e9:.1f} GB/s, matmul {peak / 1e9:.0f} GFLOP/s ({model.dtype})\n")

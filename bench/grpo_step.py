@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 
-from common import ROOT, cpu, limits
+from common import ROOT, cpu, limits, malloc
 
 PATHS = ("trl-fp32", "trl-bf16", "grpo-math")
 RECIPE = ROOT / "recipes" / "smoke.yaml"
@@ -90,7 +90,7 @@ def table(results: dict, args) -> str:
     base = {name: results[name]["seconds_per_step"] for name in ("trl-fp32", "trl-bf16") if name in results}
     lines = [
         f"CPU: {model}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of avx2/avx512/amx'}; "
-        f"kernel limits: {limits()}",
+        f"kernel limits: {limits()}; malloc: {malloc()}",
         *([f"GPU: {next(iter(results.values()))['device']}"] if gpu else []),
         "settings: "
         + json.dumps(

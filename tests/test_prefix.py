@@ -6,8 +6,6 @@ answer closes, the bf16 rollout copy follows the weights, and a training step lo
 import contextlib
 import functools
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -793,43 +791,3 @@ def test_the_correction_in_the_loss_truncates_or_masks_as_trls_modes_say(mode, e
     assert not ratio.requires_grad
     torch.testing.assert_close(ratio[:, :3] if ratio.shape[1] > 1 else ratio, torch.tensor(expected))
     assert trainer._metrics["train"]["sampling/sampling_logp_difference/max"] == [2.0]
-
-
-def test_freed_memory_is_reused_without_new_page_faults_and_returned_between_steps():
-    """``kernels.reuse_freed_memory``: a 64 MB tensor allocated after another was freed faults its pages in afresh
-    by default (glibc maps and unmaps such blocks), and not once the process keeps freed memory; after a training
-    step (``callbacks.TrimFreedMemory``) the freed memory has gone back to the system (the next tensor faults)."""
-    script = """
-import resource, torch
-from types import SimpleNamespace
-from grpo_math.callbacks import TrimFreedMemory
-from grpo_math.kernels import reuse_freed_memory
-
-def fresh():  # page faults of writing a new 64 MB tensor
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(2**24)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-def second():  # the same after another was written and freed
-    torch.ones(2**24)
-    return fresh()
-
-step_4 = SimpleNamespace(global_step=4)
-default, reused = second(), reuse_freed_memory()
-kept = min(second() for _ in range(3))  # the least of three: now and then the first reuse still faulted (1 in 5)
-print(default, reused, kept, TrimFreedMemory(every=2).on_step_end(None, step_4, None) or fresh())
-"""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    pages = 2**26 // 4096
-    assert int(out[0]) > pages // 2 and out[1] == "True" and int(out[2]) < pages // 20, out
-    assert int(out[3]) > pages // 2, out
-
-
-def test_reusing_freed_memory_is_skipped_without_glibc(monkeypatch):
-    """Where the C library has no ``mallopt`` (macOS, Windows) nothing changes and the call says so."""
-    import ctypes
-
-    from grpo_math.kernels import reuse_freed_memory
-
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace())
-    assert reuse_freed_memory() is False

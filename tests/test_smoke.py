@@ -84,6 +84,15 @@ def test_ran_in_fp32_where_forced(run):
     assert config["bf16"] is False and config["use_cpu"] is True and info["mixed_precision"] == "no"
 
 
+def test_trained_under_jemalloc_where_the_system_has_it(run):
+    """``grpo-math train`` re-executed itself under jemalloc (``allocator``) where there is one, kept glibc if not."""
+    from grpo_math.allocator import find_jemalloc
+
+    malloc = json.loads((run / "run_info.json").read_text())["processes"][0]["malloc"]
+    jemalloc = find_jemalloc() and os.environ.get("GRPO_MATH_MALLOC") != "system"
+    assert malloc.startswith(find_jemalloc()) if jemalloc else malloc == "glibc", malloc
+
+
 def test_console_is_a_bar_and_one_line_per_step(run):
     """The resumed run (1 step): a header, one short line for step 2, the time, the checkpoint; no log dicts,
     completion tables, upstream warnings or library progress bars."""

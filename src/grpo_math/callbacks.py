@@ -41,15 +41,15 @@ class MetricsFile(TrainerCallback):
 
 
 class TrimFreedMemory(TrainerCallback):
-    """Every ``every`` steps, the memory freed since goes back to the system (``kernels.trim_freed_memory``), so a
-    CPU run that keeps freed memory for reuse (``kernels.reuse_freed_memory``) does not grow its heap run-long."""
+    """Every ``every`` steps, the memory freed since goes back to the system (``allocator.trim_freed_memory``), so a
+    CPU run that keeps freed memory for reuse (``allocator.reuse_freed_memory``) does not grow its heap run-long."""
 
     def __init__(self, every: int = 10):
         self.every = every
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
-            from .kernels import trim_freed_memory
+            from .allocator import trim_freed_memory
 
             trim_freed_memory()
 

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from . import UserError
+from .allocator import use_jemalloc
 
 COMMANDS = {
     "train": ("grpo_math.train", "main", "GRPO-train a model on GSM8K (TRL GRPOTrainer), after the cold start if set"),
@@ -28,10 +29,13 @@ COMMANDS = {
     "filter": ("grpo_math.passrate", "filter_command", "keep training problems with mixed pass rates (0 < p < 1)"),
     "rft": ("grpo_math.rft", "rft_command", "rejection-sampling fine-tuning: SFT on the model's own correct answers"),
 }
+UNDER_JEMALLOC = ("train", "sft")  # long training runs: glibc's heap fragments; eval stays (``allocator``)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to a command; return its exit code."""
+    """Dispatch to a command; return its exit code. Called with this process's own command line (``argv`` None), a
+    training command first moves to jemalloc where it can (``allocator.use_jemalloc``)."""
+    argv_from_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: grpo-math <command> [options]   (grpo-math <command> --help)\n\ncommands:")
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"grpo-math: error: unknown command '{name}'; valid: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if argv_from_process and name in UNDER_JEMALLOC and "-h" not in rest and "--help" not in rest:
+        use_jemalloc()  # re-executes this command line under jemalloc where the system has it
     module, function, _ = COMMANDS[name]
     try:
         return getattr(importlib.import_module(module), function)(rest) or 0

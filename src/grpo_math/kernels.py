@@ -1,8 +1,7 @@
 """CPU kernels for decoding: linears multiplied through oneDNN with their weights packed once (sibling projections
 as one product), and a KV cache whose full-attention layers grow in place. Both leave the numbers as they were
 (fp32 products within rounding); the decode loop (``rollouts``) uses them, and where they do not apply (a GPU,
-bf16 without oneDNN's kernels) nothing changes. And for any CPU work: freed memory kept for reuse
-(``reuse_freed_memory``).
+bf16 without oneDNN's kernels) nothing changes. (Which malloc a run uses, and glibc's tuning: ``allocator``.)
 
 >>> sorted(str(d) for d in onednn_dtypes()) in (["torch.float32"], ["torch.bfloat16", "torch.float32"], [])
 True
@@ -16,46 +15,6 @@ import functools
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-def reuse_freed_memory() -> bool:
-    """Have the C library keep the memory this process frees for its next allocations: glibc maps large blocks (from
-    128 kB, a threshold that adapts up to 32 MB) afresh and returns them on free, so every new large tensor pays a
-    page fault per 4 kB page; a CPU training step allocates and frees its large tensors (activations, logits,
-    weight casts) every time. With no mapped blocks and no trimming, a fresh 100 MB tensor costs what a reused one
-    does (10.6 instead of 27.7 ms to write one here), and a learning-recipe GRPO step went from 4.7-5.1 to 4.3 s
-    (the AMX Xeon, docs/performance.md). Freed memory stays with the process: training hands it back
-    now and then (``trim_freed_memory``). Process-wide and lasting; for CPU runs only (on a GPU machine it would keep
-    a model's freed host copy). Returns whether it applied (glibc's ``mallopt``; elsewhere nothing changes).
-
-    >>> isinstance(reuse_freed_memory(), bool)
-    True
-    """
-    mallopt = _libc("mallopt")
-    return mallopt is not None and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def trim_freed_memory() -> None:
-    """Hand the memory this process has freed back to the system (glibc's ``malloc_trim``; elsewhere nothing): with
-    ``reuse_freed_memory`` alone the heap only grows (100 learning-recipe steps peaked at 7.8 GB against 5.5 GB
-    without it), so training calls this every few steps (``callbacks.TrimFreedMemory``; every step would give the
-    memory back and with it the gain)."""
-    malloc_trim = _libc("malloc_trim")
-    if malloc_trim is not None:
-        malloc_trim(0)
-
-
-def _libc(name: str):
-    """The C library's function ``name`` (glibc's ``mallopt``, ``malloc_trim``), or None where it has none."""
-    import ctypes
-
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows)
-        return None
-
 
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling projections of one input
 

@@ -261,7 +261,8 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    from .kernels import packed_linears, reuse_freed_memory, trim_freed_memory
+    from .allocator import reuse_freed_memory, trim_freed_memory
+    from .kernels import packed_linears
     from .rollouts import generate_grouped
 
     reuse = str(getattr(model, "device", "cpu")) == "cpu" and reuse_freed_memory()

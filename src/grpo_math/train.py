@@ -28,11 +28,11 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import UserError
+from .allocator import glibc_malloc, reuse_freed_memory
 from .callbacks import AccuracyCallback, BadStepGuard, MetricsFile, SignalWatch, TrimFreedMemory
 from .config import GRPOMathConfig, ScriptConfig, parse_train_args, to_dict
 from .console import setup_logging, use_console
 from .data import load_gsm8k, render_plain
-from .kernels import reuse_freed_memory
 from .models import apply_template, load_tokenizer, load_weights, resolve_model, torchrun_env
 from .rewards import get_reward_funcs
 from .runfiles import CONFIG_FILE, METRICS_FILE, RUN_INFO_FILE, SFT_DIR, versions, write_config
@@ -195,7 +195,8 @@ def announce(trainer, what: str) -> None:
 
 def write_run_info(trainer) -> dict:
     """``run_info.json``: world size, and one entry per process gathered over the process group (so a
-    multi-process run proves every process took part), device kind and versions. Rank 0 writes it."""
+    multi-process run proves every process took part; each names its malloc), device kind and versions. Rank 0
+    writes it."""
     import platform
 
     import torch
@@ -208,6 +209,7 @@ def write_run_info(trainer) -> dict:
         "pid": os.getpid(),
         "host": platform.node(),
         "device": str(acc.device),
+        "malloc": "glibc" if glibc_malloc() else os.environ.get("LD_PRELOAD", "other"),
     }
     processes = gather_object([me])
     info = {
