@@ -28,7 +28,9 @@ def limits() -> str:
 
 
 def malloc() -> str:
-    """The malloc a benchmark's processes run under: what ``LD_PRELOAD`` names, else glibc's. The benchmarks don't
-    re-execute under jemalloc as ``grpo-math train`` does (``grpo_math.allocator``): ``LD_PRELOAD=…libjemalloc.so.2``
-    runs every path under it."""
-    return os.environ.get("LD_PRELOAD") or "glibc"
+    """The malloc a benchmark's processes run under (``grpo_math.allocator.malloc_name``). The benchmarks don't
+    re-execute under jemalloc as ``grpo-math train`` does: ``LD_PRELOAD=…libjemalloc.so.2`` runs every path under
+    it."""
+    from grpo_math.allocator import malloc_name
+
+    return malloc_name()

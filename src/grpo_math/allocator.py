@@ -36,7 +36,7 @@ def jemalloc_env(environ, library: str | None) -> dict | None:
     (``GRPO_MATH_MALLOC=system``), or already preloaded (this process is the re-executed one)."""
     if library is None or not sys.platform.startswith("linux") or environ.get("GRPO_MATH_MALLOC") == "system":
         return None
-    if "jemalloc" in environ.get("LD_PRELOAD", "") or "tcmalloc" in environ.get("LD_PRELOAD", ""):
+    if preloaded_malloc(environ):
         return None
     env = dict(environ)
     env["LD_PRELOAD"] = ":".join(p for p in (library, environ.get("LD_PRELOAD")) if p)
@@ -52,10 +52,20 @@ def use_jemalloc() -> None:
         os.execve(sys.executable, sys.orig_argv, env)
 
 
+def preloaded_malloc(environ=os.environ) -> str | None:
+    """The jemalloc or tcmalloc that ``LD_PRELOAD`` puts in place of the C library's malloc, or None."""
+    entries = environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")
+    return next((e for e in entries if "jemalloc" in e or "tcmalloc" in e), None)
+
+
+def malloc_name() -> str:
+    """The malloc this process allocates with: the preloaded library's path, "glibc", or "other" (macOS, Windows)."""
+    return preloaded_malloc() or ("glibc" if _libc("mallopt") is not None else "other")
+
+
 def glibc_malloc() -> bool:
     """Whether this process allocates with glibc's malloc (not a preloaded jemalloc or tcmalloc)."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    return _libc("mallopt") is not None and "jemalloc" not in preload and "tcmalloc" not in preload
+    return malloc_name() == "glibc"
 
 
 def reuse_freed_memory() -> bool:

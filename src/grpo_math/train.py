@@ -28,7 +28,7 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import UserError
-from .allocator import glibc_malloc, reuse_freed_memory
+from .allocator import malloc_name, reuse_freed_memory
 from .callbacks import AccuracyCallback, BadStepGuard, MetricsFile, SignalWatch, TrimFreedMemory
 from .config import GRPOMathConfig, ScriptConfig, parse_train_args, to_dict
 from .console import setup_logging, use_console
@@ -209,7 +209,7 @@ def write_run_info(trainer) -> dict:
         "pid": os.getpid(),
         "host": platform.node(),
         "device": str(acc.device),
-        "malloc": "glibc" if glibc_malloc() else os.environ.get("LD_PRELOAD", "other"),
+        "malloc": malloc_name(),
     }
     processes = gather_object([me])
     info = {
