@@ -103,3 +103,24 @@ def test_reusing_freed_memory_is_skipped_without_glibc(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace())
     assert reuse_freed_memory() is False
+
+
+def test_a_linux_run_without_jemalloc_is_told_how_to_get_it(monkeypatch):
+    """The hint ``train`` prints before a CPU run: only on Linux, on glibc's malloc, with no jemalloc to move to,
+    and not when the user chose glibc's."""
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(allocator, "glibc_malloc", lambda: True)
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: None)
+    hint = allocator.missing_jemalloc_hint({})
+    assert "apt install libjemalloc2" in hint and "\n" not in hint
+    assert allocator.missing_jemalloc_hint({"GRPO_MATH_MALLOC": "system"}) is None
+    assert allocator.missing_jemalloc_hint({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: "/usr/lib/libjemalloc.so.2")
+    assert allocator.missing_jemalloc_hint({}) is None  # there is one: train re-executes under it instead
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: None)
+    monkeypatch.setattr(allocator, "glibc_malloc", lambda: False)
+    assert allocator.missing_jemalloc_hint({}) is None  # another C library (musl)
+    monkeypatch.setattr(allocator, "glibc_malloc", lambda: True)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert allocator.missing_jemalloc_hint({}) is None

@@ -28,7 +28,7 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import UserError
-from .allocator import malloc_name, reuse_freed_memory
+from .allocator import malloc_name, missing_jemalloc_hint, reuse_freed_memory
 from .callbacks import AccuracyCallback, BadStepGuard, MetricsFile, SignalWatch, TrimFreedMemory
 from .config import GRPOMathConfig, ScriptConfig, parse_train_args, to_dict
 from .console import setup_logging, use_console
@@ -181,7 +181,8 @@ def prompt_completion(dataset, tokenizer, target):
 
 
 def announce(trainer, what: str) -> None:
-    """One line before training: what runs, where, in which precision, and where it is written."""
+    """One line before training: what runs, where, in which precision, and where it is written (and on a CPU left on
+    glibc's malloc for want of jemalloc, a second: ``allocator.missing_jemalloc_hint``)."""
     args, acc = trainer.args, trainer.accelerator
     if acc.is_main_process:
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
@@ -191,6 +192,9 @@ def announce(trainer, what: str) -> None:
                 len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps * args.num_train_epochs
             )
         print(f"{what}: {steps} steps, {acc.num_processes} x {acc.device.type}, {precision} -> {args.output_dir}")
+        hint = missing_jemalloc_hint() if args.use_cpu else None
+        if hint:
+            print(hint)
 
 
 def write_run_info(trainer) -> dict:
