@@ -385,6 +385,17 @@ def test_what_the_decode_loop_cannot_honour_goes_to_trls_generate():
     assert Trainer.__new__(Trainer)._generate_single_turn([[5, 6]], None, None, 1) == "trl"
 
 
+def test_with_vllm_the_sampler_is_trls_and_no_generation_config_is_asked_for():
+    """With ``use_vllm`` TRL builds no ``generation_config`` (vLLM samples, and TRL corrects for it itself):
+    ``PrefixSharing`` neither reads one nor adds a correction of its own (it raised AttributeError at build)."""
+
+    class Trainer(PrefixSharing):
+        args = SimpleNamespace(use_vllm=True, bf16=True, fp16=False, vllm_importance_sampling_correction=True)
+        use_transformers_continuous_batching, tools, rollout_func = False, None, None
+
+    assert Trainer.__new__(Trainer)._corrects_sampler() is False
+
+
 text_piece = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<", ">", "/", "answer", "\n", " ", "4"])
 text_piece |= st.text(alphabet="ab 12<>/\n}{#", max_size=6)
 

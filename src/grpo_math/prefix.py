@@ -55,11 +55,13 @@ class PrefixSharing:
         so the sampler is another numerical policy; ``vllm_importance_sampling_correction`` (TRL's flag) on; this
         module generates (no vLLM, continuous batching or tools, a config ``generate_grouped`` takes); and the
         sampling distribution is temperature only (TRL's policy log-probs know nothing of top-p / top-k / min-p)."""
-        args, config = self.args, self.generation_config
+        args = self.args
+        if args.use_vllm or self.use_transformers_continuous_batching or self.tools or self.rollout_func:
+            return False  # TRL's own rollouts (with vLLM TRL builds no ``generation_config``)
+        config = self.generation_config
         return bool(
             (args.bf16 or args.fp16)
             and args.vllm_importance_sampling_correction
-            and not (args.use_vllm or self.use_transformers_continuous_batching or self.tools or self.rollout_func)
             and decodable(config)
             and config.do_sample
             and config.top_p in (None, 1.0)
