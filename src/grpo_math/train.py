@@ -181,19 +181,15 @@ def prompt_completion(dataset, tokenizer, target):
 
 
 def announce(trainer, what: str) -> None:
-    """One line before training: what runs, where, in which precision, and where it is written (and on a CPU left on
-    glibc's malloc for want of jemalloc, a second: ``allocator.missing_jemalloc_hint``)."""
+    """One line before training: what runs, where, in which precision, where it is written (+ ``allocator``'s hint)."""
     args, acc = trainer.args, trainer.accelerator
     if acc.is_main_process:
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-        steps = trainer.state.max_steps or args.max_steps
-        if steps <= 0:  # epochs: the optimizer steps the dataloader gives
-            steps = math.ceil(
-                len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps * args.num_train_epochs
-            )
+        if (steps := trainer.state.max_steps or args.max_steps) <= 0:  # epochs: the optimizer steps the data give
+            batches = len(trainer.get_train_dataloader())
+            steps = math.ceil(batches / args.gradient_accumulation_steps * args.num_train_epochs)
         print(f"{what}: {steps} steps, {acc.num_processes} x {acc.device.type}, {precision} -> {args.output_dir}")
-        hint = missing_jemalloc_hint() if args.use_cpu else None
-        if hint:
+        if args.use_cpu and (hint := missing_jemalloc_hint()):
             print(hint)
 
 
