@@ -59,10 +59,8 @@ def missing_jemalloc_hint(environ=os.environ) -> str | None:
     >>> missing_jemalloc_hint({"GRPO_MATH_MALLOC": "system"}) is None
     True
     """
-    if not sys.platform.startswith("linux") or environ.get("GRPO_MATH_MALLOC") == "system":
-        return None
-    if preloaded_malloc(environ) or not glibc_malloc() or find_jemalloc() is not None:
-        return None
+    if jemalloc_env(environ, "libjemalloc.so") is None or find_jemalloc() is not None or not glibc_malloc():
+        return None  # one rule with the re-execution: only where a jemalloc, had there been one, would have run
     return (
         "note: no jemalloc on this system, so glibc's malloc: its heap fragments and a long CPU run slows (the "
         "learning recipe's step 6 -> 11 s over 200 steps); `apt install libjemalloc2` and train runs under it"
